@@ -1,0 +1,231 @@
+"""Experiment configuration: validated, frozen pydantic models loaded from YAML.
+
+Config flows one way: YAML file -> `load_config` (+ dotted overrides) -> `ExperimentConfig`
+-> `train`. Nothing writes back into a config; a search builds a new one per trial with
+`with_overrides`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "Stage1Config", "Stage2Config", "PosthocConfig",
+    "TrainerConfig", "ExperimentConfig", "load_yaml", "load_config", "apply_overrides", "parse_overrides",
+    "with_overrides", "format_validation_error", "dump_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad config file or value; the message is one line naming file, key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known_model(name: str) -> str:
+    from .models import MODELS
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return name
+
+
+def _known_loss(name: str) -> str:
+    from .losses import LOSSES
+
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_known_model)]
+LossName = Annotated[str, AfterValidator(_known_loss)]
+
+
+class DataConfig(_Strict):
+    dataset: Literal["cifar10", "cifar100"] = "cifar100"
+    root: str | None = None  # else $LTSEARCH_DATA, else ~/.cache/ltsearch/data
+    download: bool = False
+    imbalance_factor: float = Field(100.0, ge=1)  # n_max / n_min
+    profile: Literal["exp", "step"] = "exp"
+    n_max: int | None = Field(None, gt=0)  # images of the largest class; default: the whole class pool
+    val_per_class: int = Field(20, ge=0)  # balanced validation images per class, disjoint from train
+    subset_seed: int | None = None  # None: first n_i images of each class in file order (standard CIFAR-LT)
+
+
+class ModelConfig(_Strict):
+    name: ModelName = "resnet32"
+    nbn: bool = False  # Normalized BN on the last stage
+    nbn_all_bn: bool = False  # normalise every BN of the last stage, not just the branch-closing ones
+    nbn_scale_weight_decay: bool = True  # apply weight decay to NBN's shared scalar
+    classifier_bn: Literal["none", "affine", "plain"] = "none"  # BatchNorm1d on the logits
+
+class Stage1Config(_Strict):
+    """Backbone + classifier with plain loss and tuned weight decay (paper: 200 epochs, batch 64)."""
+
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)  # peak learning rate, cosine to 0
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-3, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    loss: LossName = "ce"
+    exempt_norm_bias_from_wd: bool = False
+
+
+class Stage2Config(_Strict):
+    """Classifier retraining on a frozen backbone: class-balanced loss + weight decay + MaxNorm."""
+
+    enabled: bool = True
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    loss: LossName = "cb_softmax_bce"
+    beta: float = Field(0.9999, ge=0, lt=1)  # class-balanced effective-number beta
+    focal_gamma: float = Field(1.0, ge=0)
+    maxnorm_thresh: float | None = Field(0.1, ge=0)  # relative MaxNorm threshold; None disables MaxNorm
+    maxnorm_every: Literal["step", "epoch"] = "step"
+    update_bn_stats: bool = False  # the paper's code keeps BN in train mode during stage 2
+
+
+class PosthocConfig(_Strict):
+    """Post-hoc tau-normalisation of the classifier, evaluated at every epoch at no training cost."""
+
+    tau: float = Field(1.0, ge=0)
+
+
+class TrainerConfig(_Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 autocast (CPU/GPU); fp16 AMP on GPU only
+    channels_last: bool = True
+    eval_batch_size: int = Field(512, ge=1)
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: leave torch's default
+
+
+class ExperimentConfig(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    posthoc: PosthocConfig = PosthocConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `5e-4` and `1e3` as floats (YAML 1.1 needs a dot and a signed exponent)."""
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+_SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+_INT = re.compile(r"^[-+]?\d+$")
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
+    text = loader.construct_scalar(node)
+    return int(text) if _INT.match(text) else float(text)
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a safe loader; errors name the file (and line for syntax errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read file ({err.__class__.__name__}: {err})") from None
+    try:
+        raw = yaml.load(text, Loader=_SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}:{where} YAML syntax error: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def parse_overrides(items: list[str], source: str = "--set") -> dict[str, Any]:
+    """Parse `key.sub=value` strings; values are read as YAML scalars (`0.005`, `true`, `[1, 2]`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.load(value, Loader=_SafeLoader)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: cannot parse the value of {key.strip()!r}: {value!r}") from None
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str = "--set") -> dict[str, Any]:
+    """Return a copy of the nested dict `raw` with dotted keys set; the section must be a known one."""
+    sections = ExperimentConfig.model_fields
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(
+                f"{source}: {dotted}: expected section.key with section one of {list(sections)}")
+        section, key = parts
+        fields = sections[section].annotation.model_fields
+        if key not in fields:
+            raise ConfigError(f"{source}: {dotted}: unknown key; {section} has {sorted(fields)}")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping")
+        out[section][key] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per problem: `source: key.path: what was expected (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] != "missing" and "input" in e:
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "; ".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment config file, with optional `key=value` overrides."""
+    raw = apply_overrides(load_yaml(path), parse_overrides(overrides or []))
+    return validate_config(raw, str(path))
+
+
+def with_overrides(config: ExperimentConfig, values: dict[str, Any], source: str = "sampled") -> ExperimentConfig:
+    """A new validated config from `config` with dotted keys replaced (the original is untouched)."""
+    raw = apply_overrides(config.model_dump(), values, source)
+    return validate_config(raw, source)
+
+
+def dump_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

@@ -1,0 +1,238 @@
+"""Backbones and the long-tail classifier wrapper, with optional Normalized BatchNorm (NBN).
+
+Every backbone in `MODELS` maps an image batch to features of shape (B, feature_dim), exposes that
+width as a `feature_dim` attribute, and names its residual stages `layer1..layerN` (torchvision's
+convention), which is how NBN finds the last stage.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+# Added to the L2 norms in NBN, as in the paper's reference code. BN biases start at zero, and
+# d(b / (||b|| + eps)) / db = 1 / eps there, so a tiny eps (say 1e-12) would make the first bias
+# gradient so large that the bias direction is effectively frozen after one optimiser step.
+NBN_NORM_EPS = 1e-6
+
+# The BatchNorm that closes the residual branch of each block type (before the shortcut is added).
+CLOSING_BN_NAME = {BasicBlock: "bn2", Bottleneck: "bn3"}
+
+
+class SharedScale(nn.Module):
+    """The one learnable scalar alpha that all NBN layers of a model multiply their affine params by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(()))
+
+
+class NormalizedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose affine params are used as `alpha * weight / ||weight||_2` and
+    `alpha * bias / ||bias||_2`, with alpha taken from a `SharedScale`.
+
+    Running statistics behave exactly as in `nn.BatchNorm2d`. The scale is held by a plain
+    (unregistered) reference: the model that owns the `SharedScale` registers it once, so
+    `state_dict()` and `parameters()` hold alpha once, and `.to()` / deepcopy / pickling keep the
+    sharing. Referencing the module rather than the parameter keeps sharing intact even when
+    `.to()` replaces parameter objects.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, scale: SharedScale) -> None:
+        super().__init__(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            track_running_stats=bn.track_running_stats,
+            device=bn.weight.device,
+            dtype=bn.weight.dtype,
+        )
+        self.load_state_dict(bn.state_dict())
+        self.train(bn.training)
+        object.__setattr__(self, "_scale", scale)
+
+    def effective_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self._scale.alpha
+        weight = alpha * self.weight / (self.weight.norm() + NBN_NORM_EPS)
+        bias = alpha * self.bias / (self.bias.norm() + NBN_NORM_EPS)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same running-statistics logic as `nn.BatchNorm2d.forward`, with the normalised affine params."""
+        self._check_input_dim(x)
+        running_stats_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                running_stats_factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        weight, bias = self.effective_affine()
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            running_stats_factor,
+            self.eps,
+        )
+
+
+def _last_stage(backbone: nn.Module) -> nn.Module:
+    stages = [module for name, module in backbone.named_children() if name.startswith("layer")]
+    return stages[-1]
+
+
+def _nbn_target_names(block: nn.Module, all_bn: bool) -> list[str]:
+    """Names (relative to `block`) of the BatchNorms that NBN normalises in one residual block."""
+    if all_bn:
+        return [name for name, module in block.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    names = [CLOSING_BN_NAME[type(block)]]
+    if block.downsample is not None:
+        names += [
+            f"downsample.{name}"
+            for name, module in block.downsample.named_modules()
+            if isinstance(module, nn.BatchNorm2d)
+        ]
+    return names
+
+
+def convert_last_stage_to_nbn(backbone: nn.Module, scale: SharedScale, all_bn: bool = False) -> None:
+    """Replace, in place, the last stage's branch-closing and shortcut BNs (or all its BNs) by NBN."""
+    for block in _last_stage(backbone):
+        for name in _nbn_target_names(block, all_bn):
+            block.set_submodule(name, NormalizedBatchNorm2d(block.get_submodule(name), scale))
+
+
+def _residual_stage(in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
+    downsample = None
+    if stride != 1 or in_channels != width:
+        # "Option B" shortcut of He et al.: a projection whenever the shape changes.
+        downsample = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel_size=1, stride=stride, bias=False),
+            nn.BatchNorm2d(width),
+        )
+    blocks = [BasicBlock(in_channels, width, stride, downsample)]
+    blocks += [BasicBlock(width, width) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def cifar_resnet(blocks_per_stage: Sequence[int], widths: Sequence[int]) -> nn.Sequential:
+    """ResNet of BasicBlocks for small images: 3x3 stride-1 stem, no max-pool, first stage at stride 1,
+    the others at stride 2, then global average pooling."""
+    layers = OrderedDict(
+        stem=nn.Sequential(
+            nn.Conv2d(3, widths[0], kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+    )
+    in_channels = widths[0]
+    for index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
+        stride = 1 if index == 0 else 2
+        layers[f"layer{index + 1}"] = _residual_stage(in_channels, width, num_blocks, stride)
+        in_channels = width
+    layers["pool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    backbone = nn.Sequential(layers)
+    backbone.feature_dim = in_channels
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return backbone
+
+
+def torchvision_resnet50() -> nn.Module:
+    """torchvision's ImageNet ResNet-50, randomly initialised (never downloads), ending at pooled features."""
+    backbone = torchvision.models.resnet50(weights=None)
+    backbone.feature_dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    return backbone
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    **{
+        f"resnet{depth}": partial(cifar_resnet, [(depth - 2) // 6] * 3, (16, 32, 64))
+        for depth in (8, 20, 32, 56)
+    },
+    "resnet34_cifar": partial(cifar_resnet, [3, 4, 6, 3], (64, 128, 256, 512)),
+    "resnet50": torchvision_resnet50,
+}
+
+CLASSIFIER_BN: dict[str, Callable[[int], nn.Module]] = {
+    "none": lambda num_classes: nn.Identity(),
+    "affine": lambda num_classes: nn.BatchNorm1d(num_classes, affine=True),
+    "plain": lambda num_classes: nn.BatchNorm1d(num_classes, affine=False),
+}
+
+
+class LTClassifier(nn.Module):
+    """Backbone features -> linear classifier -> optional BatchNorm on the logits."""
+
+    def __init__(
+        self,
+        features: nn.Module,
+        num_classes: int,
+        logit_bn: nn.Module,
+        nbn_scale: SharedScale | None = None,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = nn.Linear(features.feature_dim, num_classes)
+        self.logit_bn = logit_bn
+        self.nbn_scale = nbn_scale
+
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.in_features
+
+    def logits_from_features(
+        self,
+        feats: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Classify precomputed features; `weight`/`bias` replace the classifier's own (e.g. for
+        post-hoc tau-normalisation). None keeps the classifier's parameter; pass zeros to drop the bias."""
+        weight = self.classifier.weight if weight is None else weight
+        bias = self.classifier.bias if bias is None else bias
+        return self.logit_bn(F.linear(feats, weight, bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.features(x))
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    nbn: bool = False,
+    nbn_all_bn: bool = False,
+    classifier_bn: str = "none",
+) -> LTClassifier:
+    """Build `MODELS[name]` with a `num_classes` head. `nbn` normalises the last stage's
+    branch-closing and shortcut BNs (`nbn_all_bn`: every BN of that stage; ignored without `nbn`)
+    with one shared alpha."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    if classifier_bn not in CLASSIFIER_BN:
+        raise ValueError(f"unknown classifier_bn {classifier_bn!r}; available: {sorted(CLASSIFIER_BN)}")
+    features = MODELS[name]()
+    nbn_scale = None
+    if nbn:
+        nbn_scale = SharedScale()
+        convert_last_stage_to_nbn(features, nbn_scale, all_bn=nbn_all_bn)
+    return LTClassifier(features, num_classes, CLASSIFIER_BN[classifier_bn](num_classes), nbn_scale)
+
+
+def nbn_parameters(model: LTClassifier) -> list[nn.Parameter]:
+    """The NBN alpha of `model` (empty without NBN), e.g. to exempt it from weight decay."""
+    return [] if model.nbn_scale is None else [model.nbn_scale.alpha]

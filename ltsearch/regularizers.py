@@ -1,0 +1,54 @@
+"""Weight-balancing regularisers: MaxNorm projection, tau-normalisation and weight-decay groups."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["row_norms", "tau_normalize", "maxnorm_", "relative_max_norm", "weight_decay_groups"]
+
+
+def row_norms(weight: Tensor) -> Tensor:
+    """L2 norm of each classifier row (one per class)."""
+    return weight.detach().flatten(1).norm(dim=1)
+
+
+def tau_normalize(weight: Tensor, tau: float) -> Tensor:
+    """New tensor with each row w_c divided by ||w_c||^tau (tau=0: unchanged, tau=1: unit rows)."""
+    norms = weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return weight / norms.pow(tau).view(-1, *([1] * (weight.dim() - 1)))
+
+
+@torch.no_grad()
+def maxnorm_(weight: Tensor, max_norm: float) -> Tensor:
+    """Project in place every row whose L2 norm exceeds `max_norm` back onto the ball of that radius."""
+    norms = weight.flatten(1).norm(dim=1)
+    scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
+    return weight
+
+
+def relative_max_norm(weight: Tensor, thresh: float) -> float:
+    """The paper code's MaxNorm radius: min + thresh * (max - min) of the row norms."""
+    norms = row_norms(weight)
+    low, high = norms.min().item(), norms.max().item()
+    return low + thresh * (high - low)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float, exempt_norm_bias: bool = False,
+                        exempt: list[nn.Parameter] = ()) -> list[dict]:
+    """Optimiser parameter groups: weight decay on every trainable parameter by default (as in the paper);
+    optionally none on biases and normalisation parameters (any parameter with fewer than 2 dims), and none
+    on the parameters listed in `exempt` (e.g. NBN's shared scale)."""
+    exempt_ids = {id(p) for p in exempt}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in exempt_ids or (exempt_norm_bias and p.dim() < 2):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,239 @@
+"""Search-space files: a `base` experiment config, a `space` of dotted keys and a `search` section.
+
+    base:   {data: {...}, model: {...}, stage1: {...}, ...}   # a full experiment config
+    space:
+      stage1.weight_decay: {loguniform: [1.0e-4, 1.0e-1]}
+      model.nbn: {choice: [false, true]}
+      model.nbn_scale_weight_decay: {choice: [true, false], when: {model.nbn: true}}
+    search: {num_samples: 8, metric: val_acc, ...}
+
+Everything is validated here, before Ray starts: every dotted key must name a field of the experiment
+config, every bound must be a number of the field's type and every sampled config must validate. The
+space becomes an Optuna define-by-run function, so conditional (`when`) entries are native.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import (ConfigError, ExperimentConfig, apply_overrides, format_validation_error, load_yaml,
+                     parse_overrides, validate_config)
+
+__all__ = ["Distribution", "SearchSettings", "SearchSpaceFile", "load_search_space", "DISTRIBUTIONS",
+           "suggest", "STAGE2_PREFIXES"]
+
+DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "int", "choice")
+# Keys a `staged` search samples in its second phase, on cached stage-1 features.
+STAGE2_PREFIXES = ("stage2.", "posthoc.")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Distribution(_Strict):
+    """One entry of `space`: exactly one distribution key, optionally a `when` condition."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    quniform: tuple[float, float, float] | None = None  # [low, high, step]
+    int: tuple[int, int] | None = None  # inclusive bounds
+    choice: list[Any] | None = None
+    when: dict[str, Any] = {}  # sample only when these (earlier-sampled or base) keys have these values
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> "Distribution":
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of {list(DISTRIBUTIONS)}, got {given or 'none'}")
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice needs at least one option")
+            return self
+        low, high = getattr(self, kind)[:2]
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise ValueError(f"{kind} range must be [low, high] with low < high, got [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform bounds must be > 0, got [{low}, {high}]")
+        if kind == "quniform" and not self.quniform[2] > 0:
+            raise ValueError(f"quniform step must be > 0, got {self.quniform[2]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    def values_for_check(self) -> list[Any]:
+        """Representative values (the bounds, every choice) used to validate against the config schema."""
+        if self.kind == "choice":
+            return list(self.choice)
+        return list(getattr(self, self.kind)[:2])
+
+
+class Scheduler(_Strict):
+    """ASHA on the global epoch (stage-1 epochs then stage-2 epochs)."""
+
+    grace_period: int = Field(1, ge=1)  # epochs before a trial can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+    enabled: bool = True
+
+
+class Sampler(_Strict):
+    type: Literal["tpe", "random", "nsga2"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(4, ge=0)  # random trials before TPE models the space
+
+
+class Resources(_Strict):
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks) per trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractional GPUs allowed; > 0 trains on CUDA
+
+
+class Staged(_Strict):
+    """Second phase of a `staged` search: stage 2 on features cached from the best stage-1 checkpoints."""
+
+    top_k: int = Field(2, ge=1)  # stage-1 checkpoints (best by validation) to build on
+    num_samples: int = Field(30, ge=1)  # stage-2 trials
+    views: int = Field(4, ge=1)  # augmented views of the training set cached per checkpoint
+
+
+class SearchSettings(_Strict):
+    mode: Literal["joint", "staged"] = "joint"
+    num_samples: int = Field(8, ge=1)
+    metric: str | list[str] = "val_acc"  # a list runs multi-objective Optuna; ASHA uses the first
+    direction: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
+    scheduler: Scheduler = Scheduler()
+    sampler: Sampler = Sampler()
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
+    resources: Resources = Resources()
+    staged: Staged = Staged()
+    max_failures: int = Field(2, ge=0)  # restarts of a trial from its last checkpoint
+    keep_checkpoints: int = Field(2, ge=1)  # checkpoints kept per trial
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_names(cls, metric):
+        for name in [metric] if isinstance(metric, str) else metric:
+            if not (name.startswith(("val_", "tau_val_", "best_val_", "train_"))):
+                raise ValueError(f"metric {name!r} must be a validation or training metric (val_*, tau_val_*, "
+                                 "best_val_*, train_*): selecting on the test set is not allowed")
+        if isinstance(metric, list) and not metric:
+            raise ValueError("metric list is empty")
+        return metric
+
+    @model_validator(mode="after")
+    def _directions(self) -> "SearchSettings":
+        metrics = [self.metric] if isinstance(self.metric, str) else self.metric
+        directions = [self.direction] * len(metrics) if isinstance(self.direction, str) else self.direction
+        if len(directions) != len(metrics):
+            raise ValueError(f"direction has {len(directions)} entries for {len(metrics)} metrics")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction] * len(self.metrics) if isinstance(self.direction, str) else list(self.direction)
+
+
+class SearchSpaceFile(_Strict):
+    base: ExperimentConfig
+    space: dict[str, Distribution]
+    search: SearchSettings = SearchSettings()
+
+    def sample_keys(self, phase: str = "all") -> list[str]:
+        """Keys of `space` sampled in a phase: `all`, `stage1` (staged mode's first phase) or `stage2`."""
+        if phase == "all":
+            return list(self.space)
+        second = [k for k in self.space if k.startswith(STAGE2_PREFIXES)]
+        return second if phase == "stage2" else [k for k in self.space if k not in second]
+
+
+def suggest(trial, space: dict[str, Distribution], base: dict[str, Any]) -> None:
+    """Optuna define-by-run: sample each key of `space` on `trial` (skipping unmet `when` conditions)."""
+    values = dict(base)
+    for key, dist in space.items():
+        if any(values.get(k) != v for k, v in dist.when.items()):
+            continue
+        kind = dist.kind
+        if kind == "loguniform":
+            values[key] = trial.suggest_float(key, *dist.loguniform, log=True)
+        elif kind == "uniform":
+            values[key] = trial.suggest_float(key, *dist.uniform)
+        elif kind == "quniform":
+            low, high, step = dist.quniform
+            values[key] = trial.suggest_float(key, low, high, step=step)
+        elif kind == "int":
+            values[key] = trial.suggest_int(key, *dist.int)
+        else:
+            values[key] = trial.suggest_categorical(key, dist.choice)
+
+
+def _flat(config: ExperimentConfig) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, fields in config.model_dump().items()
+            for key, value in fields.items()}
+
+
+def load_search_space(path: str | Path, overrides: list[str] | None = None,
+                      num_samples: int | None = None) -> SearchSpaceFile:
+    """Load and fully validate a search-space file; raise ConfigError with one line per problem.
+
+    `overrides` are `section.key=value` strings applied to `base` (`search.key=value` to `search`).
+    """
+    source = str(path)
+    raw = load_yaml(path)
+    unknown = set(raw) - set(SearchSpaceFile.model_fields)
+    if unknown:
+        raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown top-level key; expected base, space, search")
+    for section in ("base", "space"):
+        if section not in raw:
+            raise ConfigError(f"{source}: {section}: missing section")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping, got {type(raw[section]).__name__}")
+    values = parse_overrides(overrides or [])
+    search_raw = dict(raw.get("search") or {})
+    for key in [k for k in values if k.startswith("search.")]:
+        search_raw[key.removeprefix("search.")] = values.pop(key)
+    if num_samples is not None:
+        search_raw["num_samples"] = num_samples
+    base_raw = apply_overrides(raw["base"], values)
+    try:
+        base = ExperimentConfig.model_validate(base_raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, "base")) from None
+    space = {}
+    for key, spec in raw["space"].items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{source}: space.{key}: expected a mapping such as {{loguniform: [1e-4, 1e-1]}}")
+        try:
+            space[key] = Distribution.model_validate(spec)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, source, f"space.{key}")) from None
+    try:
+        search = SearchSettings.model_validate(search_raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, "search")) from None
+
+    flat = _flat(base)
+    for key, dist in space.items():
+        if key not in flat:
+            raise ConfigError(f"{source}: space.{key}: not a key of the experiment config "
+                              "(expected section.key, e.g. stage1.weight_decay)")
+        for cond in dist.when:
+            if cond not in flat:
+                raise ConfigError(f"{source}: space.{key}.when.{cond}: not a key of the experiment config")
+        for value in dist.values_for_check():
+            try:
+                validate_config(apply_overrides(base.model_dump(), {key: value}), f"{source}: space")
+            except ConfigError as err:
+                raise ConfigError(f"{err} (from space.{key} {dist.kind} value {value!r})") from None
+    if search.mode == "staged" and not any(k.startswith(STAGE2_PREFIXES) for k in space):
+        raise ConfigError(f"{source}: search.mode: staged needs stage2.* or posthoc.* keys in space")
+    return SearchSpaceFile(base=base, space=space, search=search)

@@ -1,0 +1,286 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltsearch.models import (
+    CLASSIFIER_BN,
+    MODELS,
+    LTClassifier,
+    NormalizedBatchNorm2d,
+    SharedScale,
+    build_model,
+    nbn_parameters,
+)
+
+NUM_CLASSES = 10
+# Defaults are 32x32 inputs, batch 4; the big models get smaller inputs to keep the suite fast.
+INPUT_SIZE = {"resnet50": 64}
+BATCH_SIZE = {"resnet50": 2, "resnet34_cifar": 2}
+LAST_STAGE = {"resnet32": "layer3", "resnet50": "layer4"}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def images(name: str = "resnet32", batch_size: int | None = None) -> torch.Tensor:
+    size = INPUT_SIZE.get(name, 32)
+    return torch.randn(batch_size or BATCH_SIZE.get(name, 4), 3, size, size)
+
+
+def nbn_layers(model: nn.Module) -> dict[str, NormalizedBatchNorm2d]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, NormalizedBatchNorm2d)}
+
+
+def randomize_affine(model: nn.Module) -> None:
+    """BN biases start at zero, so their normalised direction is not observable until randomised."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+
+
+@pytest.mark.parametrize("nbn", [False, True])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_backward(name, nbn):
+    model = build_model(name, NUM_CLASSES, nbn=nbn)
+    x = images(name)
+    logits = model(x)
+    assert logits.shape == (x.shape[0], NUM_CLASSES)
+    assert isinstance(model.classifier, nn.Linear)
+    assert model.classifier.weight.shape == (NUM_CLASSES, model.feature_dim)
+    assert model.features(x).shape == (x.shape[0], model.feature_dim)
+    logits.sum().backward()
+    assert model.classifier.weight.grad is not None
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    assert (len(nbn_layers(model)) > 0) == nbn
+    assert len(nbn_parameters(model)) == int(nbn)
+
+
+def test_resnet32_param_count():
+    model = build_model("resnet32", 100)
+    num_params = sum(p.numel() for p in model.parameters())
+    # Exactly 472,756 with option-B shortcuts and a 100-way head.
+    assert 440_000 <= num_params <= 500_000
+
+
+def test_alpha_stored_once():
+    model = build_model("resnet32", NUM_CLASSES, nbn=True)
+    assert [k for k in model.state_dict() if "alpha" in k] == ["nbn_scale.alpha"]
+    assert [k for k, _ in model.named_parameters() if "alpha" in k] == ["nbn_scale.alpha"]
+    assert nbn_parameters(model) == [model.nbn_scale.alpha]
+    assert nbn_parameters(build_model("resnet32", NUM_CLASSES)) == []
+
+
+@pytest.mark.parametrize(
+    "name, all_bn, expected",
+    [
+        ("resnet32", False, 6),  # 5 blocks' bn2 + 1 downsample BN
+        ("resnet32", True, 11),  # 5 blocks x (bn1, bn2) + 1 downsample BN
+        ("resnet50", False, 4),  # 3 blocks' bn3 + 1 downsample BN
+        ("resnet50", True, 10),  # 3 blocks x (bn1, bn2, bn3) + 1 downsample BN
+    ],
+)
+def test_nbn_layers_are_in_last_stage_and_share_alpha(name, all_bn, expected):
+    model = build_model(name, NUM_CLASSES, nbn=True, nbn_all_bn=all_bn)
+    layers = nbn_layers(model)
+    assert len(layers) == expected
+    assert all(n.startswith(f"features.{LAST_STAGE[name]}.") for n in layers)
+    assert all(layer._scale is model.nbn_scale for layer in layers.values())
+    if not all_bn:
+        closing = "bn3" if name == "resnet50" else "bn2"
+        assert all(n.endswith((closing, "downsample.1")) for n in layers)
+
+
+def test_alpha_scales_every_nbn_layer():
+    model = build_model("resnet32", NUM_CLASSES, nbn=True).eval()
+    randomize_affine(model)
+    layers = nbn_layers(model)
+    outputs = {}
+    for name, layer in layers.items():
+        layer.register_forward_hook(lambda m, i, out, name=name: outputs.__setitem__(name, out))
+    x = images()
+    with torch.no_grad():
+        model(x)
+        before_outputs = dict(outputs)
+        before_affine = {n: layer.effective_affine() for n, layer in layers.items()}
+        model.nbn_scale.alpha.mul_(2)
+        model(x)
+    for name, layer in layers.items():
+        weight, bias = layer.effective_affine()
+        torch.testing.assert_close(weight, 2 * before_affine[name][0])
+        torch.testing.assert_close(bias, 2 * before_affine[name][1])
+        assert not torch.allclose(outputs[name], before_outputs[name])
+
+
+def test_effective_affine_has_norm_alpha():
+    model = build_model("resnet32", NUM_CLASSES, nbn=True)
+    randomize_affine(model)
+    with torch.no_grad():
+        model.nbn_scale.alpha.fill_(0.7)
+    for layer in nbn_layers(model).values():
+        weight, bias = layer.effective_affine()
+        assert weight.norm().item() == pytest.approx(0.7, rel=1e-5)
+        assert bias.norm().item() == pytest.approx(0.7, rel=1e-5)
+
+
+def test_gradient_reaches_alpha():
+    model = build_model("resnet32", NUM_CLASSES, nbn=True)
+    F.cross_entropy(model(images()), torch.arange(4)).backward()
+    assert model.nbn_scale.alpha.grad is not None
+    assert model.nbn_scale.alpha.grad.abs().item() > 0
+
+
+def test_deepcopy_shares_the_copys_alpha():
+    model = build_model("resnet32", NUM_CLASSES, nbn=True)
+    clone = copy.deepcopy(model)
+    assert clone.nbn_scale is not model.nbn_scale
+    assert all(layer._scale is clone.nbn_scale for layer in nbn_layers(clone).values())
+
+
+def test_loaded_alpha_reaches_every_nbn_layer():
+    source = build_model("resnet8", NUM_CLASSES, nbn=True)
+    with torch.no_grad():
+        source.nbn_scale.alpha.fill_(3.0)
+    target = build_model("resnet8", NUM_CLASSES, nbn=True)
+    target.load_state_dict(source.state_dict())
+    assert all(layer._scale.alpha.item() == 3.0 for layer in nbn_layers(target).values())
+
+
+def test_dtype_conversion_keeps_alpha_shared():
+    model = build_model("resnet8", NUM_CLASSES, nbn=True).double()
+    assert model.nbn_scale.alpha.dtype == torch.float64
+    assert all(layer._scale.alpha is model.nbn_scale.alpha for layer in nbn_layers(model).values())
+    assert model(images().double()).dtype == torch.float64
+
+
+def make_bn_pair(alpha: float, momentum: float | None = 0.1) -> tuple[NormalizedBatchNorm2d, nn.BatchNorm2d]:
+    """An NBN layer and a plain BN with the same state whose affine params are normalised by hand."""
+    channels = 8
+    bn = nn.BatchNorm2d(channels, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    scale = SharedScale()
+    with torch.no_grad():
+        scale.alpha.fill_(alpha)
+    nbn = NormalizedBatchNorm2d(bn, scale)
+    reference = copy.deepcopy(bn)
+    with torch.no_grad():
+        reference.weight.mul_(alpha / bn.weight.norm())
+        reference.bias.mul_(alpha / bn.bias.norm())
+    return nbn, reference
+
+
+def test_nbn_matches_normalised_batchnorm_in_eval():
+    nbn, reference = make_bn_pair(alpha=1.5)
+    nbn.eval()
+    reference.eval()
+    x = torch.randn(4, 8, 5, 5)
+    by_hand = (x - nbn.running_mean[:, None, None]) / torch.sqrt(nbn.running_var[:, None, None] + nbn.eps)
+    by_hand = by_hand * reference.weight[:, None, None] + reference.bias[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(nbn(x), by_hand, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nbn(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_nbn_running_stats_match_batchnorm_in_train(momentum):
+    nbn, reference = make_bn_pair(alpha=0.5, momentum=momentum)
+    for _ in range(3):
+        x = torch.randn(4, 8, 5, 5)
+        with torch.no_grad():
+            torch.testing.assert_close(nbn(x), reference(x), rtol=1e-5, atol=1e-5)
+    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(nbn, buffer), getattr(reference, buffer))
+
+
+def test_nbn_running_stats_update_only_in_train():
+    nbn, _ = make_bn_pair(alpha=1.0)
+    x = torch.randn(4, 8, 5, 5) * 3 + 2
+    before = {key: value.clone() for key, value in nbn.state_dict().items()}
+    with torch.no_grad():
+        nbn.eval()(x)
+    for key, value in nbn.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    with torch.no_grad():
+        nbn.train()(x)
+    assert not torch.allclose(nbn.running_mean, before["running_mean"])
+    assert not torch.allclose(nbn.running_var, before["running_var"])
+    assert nbn.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1
+
+
+@pytest.mark.parametrize("classifier_bn", sorted(CLASSIFIER_BN))
+def test_classifier_bn(classifier_bn):
+    model = build_model("resnet8", NUM_CLASSES, classifier_bn=classifier_bn)
+    if classifier_bn == "none":
+        assert isinstance(model.logit_bn, nn.Identity)
+    else:
+        assert isinstance(model.logit_bn, nn.BatchNorm1d)
+        assert model.logit_bn.affine == (classifier_bn == "affine")
+    assert model(images()).shape == (4, NUM_CLASSES)
+
+
+def test_logits_from_features():
+    model = build_model("resnet8", NUM_CLASSES, classifier_bn="affine").eval()
+    x = images()
+    with torch.no_grad():
+        feats = model.features(x)
+        torch.testing.assert_close(model.logits_from_features(feats), model(x))
+        weight = torch.randn(NUM_CLASSES, model.feature_dim)
+        bias = torch.zeros(NUM_CLASSES)
+        torch.testing.assert_close(
+            model.logits_from_features(feats, weight, bias), model.logit_bn(feats @ weight.T)
+        )
+
+
+def test_invalid_names_raise():
+    with pytest.raises(ValueError, match="resnet1000") as error:
+        build_model("resnet1000", NUM_CLASSES)
+    assert str(sorted(MODELS)) in str(error.value)
+    with pytest.raises(ValueError, match="layer"):
+        build_model("resnet8", NUM_CLASSES, classifier_bn="layer")
+
+
+def test_channels_last_matches_contiguous():
+    model = build_model("resnet8", NUM_CLASSES, nbn=True, classifier_bn="affine")
+    randomize_affine(model)
+    x = images()
+    model.train()(x)  # make running stats non-trivial
+    model.eval()
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        actual = channels_last(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_distributed_data_parallel_step(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = build_model("resnet8", NUM_CLASSES, nbn=True)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        alpha_before = model.nbn_scale.alpha.item()
+        F.cross_entropy(ddp(images()), torch.arange(4)).backward()
+        optimizer.step()
+        assert model.nbn_scale.alpha.item() != alpha_before
+        assert all(layer._scale is model.nbn_scale for layer in nbn_layers(model).values())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ltclassifier_wraps_any_backbone():
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+    backbone.feature_dim = 6
+    model = LTClassifier(backbone, NUM_CLASSES, nn.Identity())
+    assert model.feature_dim == 6
+    assert model.nbn_scale is None
+    assert model(torch.randn(2, 3, 2, 2)).shape == (2, NUM_CLASSES)
