@@ -121,21 +121,13 @@ class ExperimentConfig(_Strict):
 
 
 class _SafeLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `5e-4` and `1e3` as floats (YAML 1.1 needs a dot and a signed exponent)."""
+    """SafeLoader that also reads `5e-4` and `1e3` as floats (YAML 1.1 needs a dot and a signed exponent).
+
+    Integers are still resolved first (PyYAML tries resolvers in order), so `5` stays an int."""
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 _SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-_INT = re.compile(r"^[-+]?\d+$")
-
-
-def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
-    text = loader.construct_scalar(node)
-    return int(text) if _INT.match(text) else float(text)
-
-
-_SafeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
-
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with a safe loader; errors name the file (and line for syntax errors)."""

@@ -13,12 +13,14 @@ __all__ = ["LOSSES", "build_loss", "class_balanced_weights"]
 
 
 def class_balanced_weights(class_counts, beta: float) -> Tensor:
-    """w_c = (1 - beta) / (1 - beta^n_c), normalised so the weights sum to the number of classes."""
+    """w_c = (1 - beta) / (1 - beta^n_c), normalised so the weights sum to the number of classes.
+    A class with no training image gets weight 0 (it never appears as a target)."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
     if beta == 0:
         weights = torch.ones_like(counts)
     else:
-        weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+        effective = 1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts)
+        weights = torch.where(counts > 0, (1.0 - beta) / effective.clamp_min(1e-300), 0.0)
     return (weights / weights.sum() * len(counts)).float()
 
 

@@ -13,6 +13,7 @@ space becomes an Optuna define-by-run function, so conditional (`when`) entries 
 """
 from __future__ import annotations
 
+import builtins
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +41,7 @@ class Distribution(_Strict):
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
     quniform: tuple[float, float, float] | None = None  # [low, high, step]
-    int: tuple[int, int] | None = None  # inclusive bounds
+    int: tuple[builtins.int, builtins.int] | None = None  # inclusive bounds
     choice: list[Any] | None = None
     when: dict[str, Any] = {}  # sample only when these (earlier-sampled or base) keys have these values
 
@@ -68,10 +69,14 @@ class Distribution(_Strict):
         return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
 
     def values_for_check(self) -> list[Any]:
-        """Representative values (the bounds, every choice) used to validate against the config schema."""
+        """Values to validate against the config schema: every choice, or both bounds and a point between
+        them (fractional for continuous kinds, so a float distribution on an integer field is refused)."""
         if self.kind == "choice":
             return list(self.choice)
-        return list(getattr(self, self.kind)[:2])
+        low, high = getattr(self, self.kind)[:2]
+        if self.kind == "int":
+            return [low, high]
+        return [low, high, low + 0.3711 * (high - low)]
 
 
 class Scheduler(_Strict):
@@ -91,7 +96,7 @@ class Sampler(_Strict):
 class Resources(_Strict):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks) per trial
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)  # fractional GPUs allowed; > 0 trains on CUDA
+    gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs, else 0; fractions ok
 
 
 class Staged(_Strict):
@@ -181,6 +186,13 @@ def _flat(config: ExperimentConfig) -> dict[str, Any]:
             for key, value in fields.items()}
 
 
+def _set_nested(mapping: dict, path: list[str], value: Any) -> dict:
+    """Copy of `mapping` with mapping[path[0]][path[1]]... = value."""
+    out = dict(mapping)
+    out[path[0]] = value if len(path) == 1 else _set_nested(dict(out.get(path[0]) or {}), path[1:], value)
+    return out
+
+
 def load_search_space(path: str | Path, overrides: list[str] | None = None,
                       num_samples: int | None = None) -> SearchSpaceFile:
     """Load and fully validate a search-space file; raise ConfigError with one line per problem.
@@ -198,9 +210,11 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None,
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: {section}: expected a mapping, got {type(raw[section]).__name__}")
     values = parse_overrides(overrides or [])
-    search_raw = dict(raw.get("search") or {})
+    search_raw = raw.get("search") or {}
+    if not isinstance(search_raw, dict):
+        raise ConfigError(f"{source}: search: expected a mapping, got {type(search_raw).__name__}")
     for key in [k for k in values if k.startswith("search.")]:
-        search_raw[key.removeprefix("search.")] = values.pop(key)
+        search_raw = _set_nested(search_raw, key.removeprefix("search.").split("."), values.pop(key))
     if num_samples is not None:
         search_raw["num_samples"] = num_samples
     base_raw = apply_overrides(raw["base"], values)

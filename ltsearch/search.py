@@ -1,0 +1,367 @@
+"""Distributed search with Ray Tune (Optuna + ASHA) over Ray Train trials. The only module importing Ray.
+
+    result = run_search(load_search_space("search_spaces/quickstart.yaml"), storage="runs")
+
+Experiment directory layout (`storage/name/`):
+    space.yaml          the resolved search-space file this experiment runs
+    optuna.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///optuna.db`)
+    search/ | stage1/ stage2/   Ray Tune's own experiment folders (trial results, checkpoints)
+    train/              Ray Train runs of multi-worker trials
+    results.csv         one row per trial; history.csv one row per trial and epoch
+    best_config.yaml    the resolved experiment config of the best trial (selected on validation)
+    summary.json        best trial, its val and test metrics, its checkpoint, paths
+
+A trial with one worker runs the trainer inside the Tune trial process (no separate worker group: it
+saves Ray Train's 20-30 s start-up per trial); with several workers it launches a `TorchTrainer` (DDP over
+gloo on CPU or NCCL on GPU) whose rank-0 reports reach Tune through `TuneReportCallback`. Metrics are
+reduced across ranks inside the trainer before reporting.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The legacy console output is the one that takes a CLIReporter (a compact table of chosen columns).
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+import yaml  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from .config import ConfigError, ExperimentConfig, dump_config, with_overrides  # noqa: E402
+from .space import SearchSettings, SearchSpaceFile, suggest  # noqa: E402
+from .train import load_data, train  # noqa: E402
+
+__all__ = ["run_search", "connect", "SearchResult", "results_table", "EXPERIMENT_MARKER"]
+
+EXPERIMENT_MARKER = "space.yaml"
+ACCURACY_PREFIXES = ("val_acc", "test_acc", "tau_val_acc", "tau_test_acc")
+
+
+@dataclass
+class SearchResult:
+    path: Path
+    results: pd.DataFrame
+    best: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- cluster
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray in this process with its
+    dashboard on loopback. Returns the cluster's resources and dashboard URL."""
+    url = None
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "WARNING"}
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            context = ray.init(address=address, **kwargs)
+        else:
+            context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        url = context.dashboard_url
+    return {"resources": ray.cluster_resources(), "dashboard_url": url}
+
+
+def _trial_resources(settings: SearchSettings, cluster: dict[str, float]) -> tuple[dict, int]:
+    """(resources of one worker, max concurrent trials) from the settings and the cluster."""
+    r = settings.resources
+    gpus = cluster.get("GPU", 0.0)
+    gpus_per_worker = (1.0 if gpus else 0.0) if r.gpus_per_worker is None else r.gpus_per_worker
+    if gpus_per_worker > 0 and gpus == 0:
+        raise ConfigError(f"search.resources.gpus_per_worker: {gpus_per_worker} GPUs per worker requested, "
+                          "but the Ray cluster has no GPU")
+    need_cpu, need_gpu = r.num_workers * r.cpus_per_worker, r.num_workers * gpus_per_worker
+    if need_cpu > cluster.get("CPU", 0.0):
+        raise ConfigError(f"search.resources: a trial needs {need_cpu:g} CPUs, the cluster has "
+                          f"{cluster.get('CPU', 0.0):g}")
+    fits = math.floor(cluster.get("CPU", 0.0) / need_cpu)
+    if need_gpu:
+        fits = min(fits, math.floor(gpus / need_gpu))
+    concurrent = min(settings.max_concurrent or fits, max(fits, 1))
+    return {"CPU": r.cpus_per_worker, "GPU": gpus_per_worker}, concurrent
+
+
+# ---------------------------------------------------------------------------- trials
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train worker: one DDP rank of a trial."""
+    import ray.train
+
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    if config.trainer.device != "cpu":
+        import torch
+
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        train(config, report=report)
+    else:
+        with checkpoint.as_directory() as resume_dir:
+            train(config, report=report, resume_from=resume_dir)
+
+
+def _trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage: str) -> None:
+    """Tune function trainable: one configuration, reporting one result per epoch.
+
+    `worker` holds the resolved resources of one worker ({"CPU": n, "GPU": g})."""
+    settings = SearchSettings.model_validate(settings)
+    config = with_overrides(ExperimentConfig.model_validate(base), sampled)
+    r, use_gpu = settings.resources, worker["GPU"] > 0
+    if config.trainer.num_threads is None:
+        config = with_overrides(config, {"trainer.num_threads": max(1, int(worker["CPU"]))})
+    if not use_gpu and config.trainer.device == "auto":
+        config = with_overrides(config, {"trainer.device": "cpu"})
+    if r.num_workers == 1:
+        def report(metrics: dict, checkpoint_dir: str | None) -> None:
+            checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            tune.report(_scalars(metrics), checkpoint=checkpoint)
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            train(config, report=report)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                train(config, report=report, resume_from=resume_dir)
+        return
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config.model_dump()},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={k: v for k, v in worker.items() if v}),
+        run_config=RunConfig(name=tune.get_context().get_trial_id(), storage_path=train_storage,
+                             callbacks=[TuneReportCallback()],
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=settings.max_failures)),
+    )
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------- search
+
+
+def _sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
+    s = settings.sampler
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.type == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                      multivariate=True, group=True)
+
+
+def _flat(config: ExperimentConfig) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, fields in config.model_dump().items() for k, v in fields.items()}
+
+
+def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, keys: list[str], base: ExperimentConfig,
+               num_samples: int, cluster: dict, resume: bool, trainable=None) -> tune.ResultGrid:
+    """One Tune experiment `exp/phase` searching `keys` of the space on top of `base`."""
+    settings = spec.search
+    worker, concurrent = _trial_resources(settings, cluster)
+    if trainable is None:
+        trainable = tune.with_parameters(_trial, base=base.model_dump(), settings=settings.model_dump(),
+                                         worker=worker, train_storage=str(exp / "train"))
+        # Several workers: Train's worker group holds the resources and the trial driver a token.
+        request = worker if settings.resources.num_workers == 1 else {"CPU": 0, "memory": 2**20}
+        trainable = tune.with_resources(trainable, {k.lower(): v for k, v in request.items() if v or k == "CPU"})
+    phase_path = exp / phase
+    if resume and tune.Tuner.can_restore(str(phase_path)):
+        return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
+
+    space = {k: spec.space[k] for k in keys}
+    flat_base = _flat(base)
+    searcher = OptunaSearch(
+        space=functools.partial(suggest, space=space, base=flat_base),  # picklable: Tune saves it
+        metric=settings.metrics if len(settings.metrics) > 1 else settings.metrics[0],
+        mode=settings.directions if len(settings.metrics) > 1 else settings.directions[0],
+        sampler=_sampler(settings), study_name=phase,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}"))
+    total_epochs = base.stage1.epochs + (base.stage2.epochs if base.stage2.enabled else 0)
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=settings.metrics[0], mode=settings.directions[0],
+                               max_t=total_epochs, grace_period=settings.scheduler.grace_period,
+                               reduction_factor=settings.scheduler.reduction_factor)
+                 if settings.scheduler.enabled and phase != "stage2" else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(
+            name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, keys),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+    )
+    return tuner.fit()
+
+
+def _reporter(settings: SearchSettings, keys: list[str]) -> tune.CLIReporter:
+    """A compact status table every 30 s: sampled values, epoch and the searched metrics."""
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", **{m: m for m in settings.metrics}, "test_acc": "test_acc"},
+        parameter_columns={k: k.replace("stage1.", "s1.").replace("stage2.", "s2.") for k in keys},
+        max_report_frequency=30, print_intermediate_tables=True, sort_by_metric=False, max_progress_rows=30)
+
+
+def results_table(grid: tune.ResultGrid, spec: SearchSpaceFile, keys: list[str],
+                  max_epoch: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per trial, one row per trial and epoch) from a finished Tune experiment."""
+    settings, rows, history = spec.search, [], []
+    first = settings.metrics[0]
+    for result in grid:
+        trial_id = Path(result.path).name if result.path else None
+        frame = result.metrics_dataframe
+        row: dict[str, Any] = {"trial_id": result.metrics.get("trial_id", trial_id) if result.metrics else trial_id}
+        for key in keys:
+            row[key] = result.config.get(key)
+        epochs = 0
+        if frame is not None and len(frame):
+            frame = frame.sort_values("epoch").drop_duplicates("epoch", keep="last")
+            history.append(frame)
+            last = frame.iloc[-1]
+            epochs = int(last["epoch"])
+            reported = [c for c in frame.columns if c.startswith(ACCURACY_PREFIXES) or c in settings.metrics]
+            row.update({f"final_{c}": last[c] for c in reported})
+            if "val_acc" in frame:
+                best = frame.loc[frame["val_acc"].idxmax()]
+                row["best_epoch"] = int(best["epoch"])
+                row.update({f"best_{c}": best[c] for c in reported})
+            row["checkpoint"] = (result.checkpoint.path if result.checkpoint else last.get("checkpoint_path"))
+        row["epochs"] = epochs
+        row["objective"] = row.get(f"final_{first}")
+        if result.error is not None:
+            row["status"], row["stop_reason"] = "ERROR", str(result.error).strip().splitlines()[-1][:300]
+        elif epochs >= max_epoch:
+            row["status"], row["stop_reason"] = "TERMINATED", "completed"
+        else:
+            row["status"], row["stop_reason"] = "TERMINATED", f"stopped early by ASHA at epoch {epochs}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table, (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _best_row(table: pd.DataFrame, settings: SearchSettings) -> pd.Series | None:
+    ok = table[table["status"] != "ERROR"].dropna(subset=["objective"]) if len(table) else table
+    if not len(ok):
+        return None
+    ascending = settings.directions[0] == "min"
+    return ok.sort_values(["objective", "epochs"], ascending=[ascending, False]).iloc[0]
+
+
+def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str | None = None,
+               address: str | None = None, resume: bool = False, source: str = "space") -> SearchResult:
+    """Run (or resume) the search described by `spec`; return its results table and best trial."""
+    storage = Path(storage).expanduser().resolve()
+    if resume:
+        if name is None:
+            raise ConfigError("--resume needs --name (the experiment to continue)")
+        exp = storage / name
+        if not (exp / EXPERIMENT_MARKER).exists():
+            raise ConfigError(f"--resume: {exp} holds no ltsearch experiment (no {EXPERIMENT_MARKER})")
+    else:
+        name = name or f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        exp = storage / name
+        if exp.exists():
+            raise ConfigError(f"--name: {exp} already exists; pass --resume to continue it or another --name")
+        try:
+            exp.mkdir(parents=True)
+        except OSError as err:
+            raise ConfigError(f"--storage: cannot create {exp}: {err.strerror}") from None
+        _atomic_write_text(exp / EXPERIMENT_MARKER, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+    load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
+    info = connect(address)
+    if info["dashboard_url"]:
+        print(f"Ray dashboard: http://{info['dashboard_url']} (token auth: see README 'Dashboard')", flush=True)
+    print(f"Experiment: {exp}", flush=True)
+    cluster = info["resources"]
+    settings = spec.search
+    started = time.time()
+    if settings.mode == "joint":
+        keys = spec.sample_keys("all")
+        grid = _run_phase(exp, "search", spec, keys, spec.base, settings.num_samples, cluster, resume)
+        max_epoch = spec.base.stage1.epochs + (spec.base.stage2.epochs if spec.base.stage2.enabled else 0)
+        table, history = results_table(grid, spec, keys, max_epoch)
+    else:
+        from .staged import run_staged
+
+        table, history = run_staged(exp, spec, cluster, resume)
+    best = _write_results(exp, spec, table, history, time.time() - started)
+    return SearchResult(path=exp, results=table, best=best)
+
+
+def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, history: pd.DataFrame,
+                   wall_time_s: float) -> dict:
+    _atomic_write_text(exp / "results.csv", table.to_csv(index=False))
+    _atomic_write_text(exp / "history.csv", history.to_csv(index=False))
+    best_row = _best_row(table, spec.search)
+    summary: dict[str, Any] = {"experiment": str(exp), "num_trials": int(len(table)),
+                               "wall_time_s": wall_time_s, "metric": spec.search.metrics}
+    if best_row is not None:
+        sampled = {k: _plain(best_row[k]) for k in spec.space if k in best_row and not _missing(best_row[k])}
+        best_config = with_overrides(spec.base, sampled)
+        with tempfile.NamedTemporaryFile("w", dir=exp, delete=False, suffix=".yaml") as f:
+            tmp = f.name
+        dump_config(best_config, tmp)
+        os.replace(tmp, exp / "best_config.yaml")
+        summary["best"] = {k: _plain(v) for k, v in best_row.items() if not _missing(v)}
+    if spec.search.metrics and len(spec.search.metrics) > 1:
+        _write_pareto(exp, spec)
+    _atomic_write_text(exp / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary.get("best", {})
+
+
+def _write_pareto(exp: Path, spec: SearchSpaceFile) -> None:
+    """The Optuna study's Pareto front (multi-objective searches) as `pareto.csv`."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
+    frames = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        if len(study.directions) < 2:
+            continue
+        for t in study.best_trials:
+            frames.append({"study": summary.study_name, "optuna_trial": t.number, **t.params,
+                           **{m: v for m, v in zip(spec.search.metrics, t.values)}})
+    _atomic_write_text(exp / "pareto.csv", pd.DataFrame(frames).to_csv(index=False))
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value):
+    """numpy scalars -> python, for YAML and JSON."""
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,48 @@
+"""Search long-tailed regularisation hyperparameters with Ray Tune + Optuna + ASHA.
+
+    python run_search.py search_spaces/quickstart.yaml                 # local Ray, started in-process
+    python run_search.py search_spaces/wd_maxnorm.yaml --address 10.0.0.1:6379 --storage /shared/runs
+    python run_search.py search_spaces/quickstart.yaml --name qs --resume   # continue an interrupted run
+"""
+import argparse
+import sys
+
+from ltsearch.config import ConfigError
+from ltsearch.data import DataError
+from ltsearch.space import load_search_space
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("space", help="search-space YAML (sections base, space, search)")
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--storage", default="runs", help="experiments folder; shared (NFS) on several nodes")
+    parser.add_argument("--name", help="experiment name (default: <space>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    parser.add_argument("--num-samples", type=int, help="override search.num_samples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override base (stage1.epochs=3) or search (search.num_samples=4) values")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_search_space(args.space, args.set, args.num_samples)
+        from ltsearch.search import run_search  # imports Ray: only after the input is known to be valid
+
+        result = run_search(spec, storage=args.storage, name=args.name, address=args.address,
+                            resume=args.resume, source=args.space)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = result.best
+    metric = spec.search.metrics[0]
+    print(f"\n{len(result.results)} trials in {result.path}")
+    if best:
+        print(f"best trial {best['trial_id']} by {metric} = {best['objective']:.2f} (validation): "
+              f"val_acc {best.get('final_val_acc', float('nan')):.2f}, "
+              f"test_acc {best.get('final_test_acc', float('nan')):.2f} (test: reported, never used to select)")
+        print("  " + ", ".join(f"{k}={best[k]}" for k in spec.space if k in best))
+    print(f"results: {result.path / 'results.csv'}; best config: {result.path / 'best_config.yaml'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Tests of ltsearch.space: search-space files, their validation messages and Optuna sampling."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FixedTrial
+
+from ltsearch.config import ConfigError, ExperimentConfig, with_overrides
+from ltsearch.space import Distribution, SearchSpaceFile, load_search_space, suggest
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE_FILES = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+BASE = """\
+base:
+  data: {dataset: cifar10, imbalance_factor: 100}
+  model: {name: resnet8}
+  stage1: {epochs: 2, weight_decay: 5e-3}
+  stage2: {epochs: 1}
+"""
+
+VALID = BASE + """\
+space:
+  stage1.weight_decay: {loguniform: [1.0e-4, 1.0e-1]}
+  stage1.lr: {uniform: [0.01, 0.2]}
+  stage2.weight_decay: {quniform: [0.0, 0.5, 0.05]}
+  model.nbn: {choice: [false, true]}
+  model.nbn_scale_weight_decay: {choice: [true, false], when: {model.nbn: true}}
+  posthoc.tau: {uniform: [0, 2]}
+search:
+  num_samples: 4
+  metric: val_acc
+  direction: max
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def flat(config: ExperimentConfig) -> dict:
+    return {f"{section}.{key}": value for section, fields in config.model_dump().items()
+            for key, value in fields.items()}
+
+
+def expect_error(tmp_path: Path, text: str, *needles: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_search_space(path)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------- a valid file
+
+def test_valid_file_loads_every_part(tmp_path):
+    sp = load_search_space(write(tmp_path, VALID))
+    assert isinstance(sp, SearchSpaceFile)
+    assert sp.base.data.dataset == "cifar10" and sp.base.model.name == "resnet8"
+    assert sp.base.stage1.epochs == 2 and sp.base.stage1.weight_decay == 5e-3
+    assert list(sp.space) == ["stage1.weight_decay", "stage1.lr", "stage2.weight_decay", "model.nbn",
+                              "model.nbn_scale_weight_decay", "posthoc.tau"]
+    kinds = {key: dist.kind for key, dist in sp.space.items()}
+    assert kinds == {"stage1.weight_decay": "loguniform", "stage1.lr": "uniform",
+                     "stage2.weight_decay": "quniform", "model.nbn": "choice",
+                     "model.nbn_scale_weight_decay": "choice", "posthoc.tau": "uniform"}
+    assert sp.space["stage1.weight_decay"].loguniform == (1e-4, 0.1)
+    assert sp.space["stage2.weight_decay"].quniform == (0.0, 0.5, 0.05)
+    assert sp.space["model.nbn_scale_weight_decay"].when == {"model.nbn": True}
+    assert sp.space["model.nbn"].when == {}
+    assert sp.search.num_samples == 4 and sp.search.metrics == ["val_acc"] and sp.search.directions == ["max"]
+    assert sp.search.mode == "joint"
+
+
+def test_search_section_is_optional(tmp_path):
+    sp = load_search_space(write(tmp_path, BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\n"))
+    assert sp.search.num_samples == 8 and sp.search.metric == "val_acc"
+
+
+def test_int_distribution_is_accepted_and_sampled(tmp_path):
+    sp = load_search_space(write(tmp_path, BASE + "space:\n  stage1.epochs: {int: [1, 3]}\n"))
+    assert sp.space["stage1.epochs"].int == (1, 3) and sp.space["stage1.epochs"].kind == "int"
+    trial = FixedTrial({"stage1.epochs": 2})
+    suggest(trial, sp.space, flat(sp.base))
+    assert trial.params == {"stage1.epochs": 2}
+    assert trial.distributions["stage1.epochs"] == IntDistribution(1, 3)
+
+
+def test_int_distribution_rejects_fractional_bounds():
+    with pytest.raises(ValueError):
+        Distribution(int=[1.5, 3])
+
+
+def test_overrides_and_num_samples(tmp_path):
+    path = write(tmp_path, VALID)
+    sp = load_search_space(path, overrides=["stage1.epochs=5", "search.metric=val_acc_few"])
+    assert sp.base.stage1.epochs == 5 and sp.search.metric == "val_acc_few"
+    assert load_search_space(path, num_samples=11).search.num_samples == 11
+    with pytest.raises(ConfigError, match="stage1.nokey"):
+        load_search_space(path, overrides=["stage1.nokey=1"])
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_base_section(tmp_path):
+    expect_error(tmp_path, "space:\n  posthoc.tau: {uniform: [0, 2]}\n", "base: missing section")
+
+
+def test_missing_space_section(tmp_path):
+    expect_error(tmp_path, BASE, "space: missing section")
+
+
+def test_space_must_be_a_mapping(tmp_path):
+    expect_error(tmp_path, BASE + "space: [1, 2]\n", "space: expected a mapping")
+
+
+def test_unknown_top_level_key(tmp_path):
+    expect_error(tmp_path, VALID + "extras: 1\n", "extras", "unknown top-level key")
+
+
+def test_unknown_key_in_base(tmp_path):
+    text = VALID.replace("model: {name: resnet8}", "model: {name: resnet8, nope: 1}")
+    expect_error(tmp_path, text, "base.model.nope: unknown key")
+
+
+def test_space_key_not_in_the_config(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage1.nope: {uniform: [0, 1]}\n", "space.stage1.nope",
+                 "not a key of the experiment config")
+
+
+def test_space_key_without_section(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  weight_decay: {uniform: [0, 1]}\n", "space.weight_decay")
+
+
+def test_space_entry_must_be_a_mapping(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage1.lr: 0.1\n", "space.stage1.lr", "expected a mapping")
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ("{loguniform: [0, 1]}", "> 0"),
+    ("{loguniform: [-1.0e-3, 1]}", "> 0"),
+    ("{uniform: [1, 0]}", "low < high"),
+    ("{uniform: [0.5, 0.5]}", "low < high"),
+    ("{quniform: [0.0, 1.0, 0]}", "step"),
+    ("{choice: []}", "at least one"),
+    ("{uniform: [0, 1], loguniform: [1.0e-3, 1]}", "exactly one"),
+    ("{when: {model.nbn: true}}", "exactly one"),
+    ("{normal: [0, 1]}", "unknown key"),
+    ("{uniform: [0, 1, 2]}", "uniform"),
+    ("{uniform: [0, 1e400]}", "low < high"),  # 1e400 reads as inf: not a finite range
+])
+def test_bad_distribution_names_the_key(tmp_path, entry, needle):
+    text = BASE + f"space:\n  stage2.weight_decay: {entry}\n"
+    expect_error(tmp_path, text, "space.stage2.weight_decay", needle)
+
+
+def test_unknown_distribution_is_reported_as_its_dotted_key(tmp_path):
+    msg = expect_error(tmp_path, BASE + "space:\n  stage2.weight_decay: {normal: [0, 1]}\n")
+    assert "space.stage2.weight_decay.normal: unknown key" in msg
+
+
+def test_choice_value_the_config_rejects(tmp_path):
+    msg = expect_error(tmp_path, BASE + "space:\n  model.name: {choice: [resnet8, nonet]}\n",
+                       "space.model.name", "nonet")
+    assert "resnet32" in msg  # the list of known models
+
+
+def test_choice_value_of_the_wrong_type(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage2.maxnorm_every: {choice: [step, batch]}\n",
+                 "space.stage2.maxnorm_every", "batch")
+
+
+def test_bound_the_config_rejects(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage1.weight_decay: {uniform: [-1, 1]}\n",
+                 "space.stage1.weight_decay", "stage1.weight_decay", "-1")
+
+
+def test_upper_bound_the_config_rejects(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage2.beta: {uniform: [0.9, 1.0]}\n", "space.stage2.beta")
+
+
+def test_float_distribution_on_an_int_field_is_rejected(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage1.epochs: {uniform: [1, 10]}\n", "space.stage1.epochs")
+
+
+def test_when_condition_on_an_unknown_key(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  posthoc.tau: {uniform: [0, 2], when: {model.nope: true}}\n",
+                 "space.posthoc.tau.when.model.nope")
+
+
+def test_test_set_metric_is_rejected(tmp_path):
+    expect_error(tmp_path, VALID.replace("metric: val_acc", "metric: test_acc"), "search.metric", "test_acc")
+
+
+def test_test_set_metric_in_a_list_is_rejected(tmp_path):
+    text = VALID.replace("metric: val_acc", "metric: [val_acc, test_acc_few]").replace(
+        "direction: max", "direction: [max, max]")
+    expect_error(tmp_path, text, "search.metric", "test_acc_few")
+
+
+def test_direction_list_length_must_match_metrics(tmp_path):
+    text = VALID.replace("metric: val_acc", "metric: [val_acc, val_acc_few]").replace(
+        "direction: max", "direction: [max]")
+    expect_error(tmp_path, text, "search", "direction has 1 entries for 2 metrics")
+
+
+def test_multi_objective_settings(tmp_path):
+    text = VALID.replace("metric: val_acc", "metric: [val_acc, train_loss]").replace(
+        "direction: max", "direction: [max, min]")
+    sp = load_search_space(write(tmp_path, text))
+    assert sp.search.metrics == ["val_acc", "train_loss"] and sp.search.directions == ["max", "min"]
+
+
+def test_staged_mode_needs_stage2_or_posthoc_keys(tmp_path):
+    text = BASE + "space:\n  stage1.lr: {uniform: [0.01, 0.1]}\nsearch: {mode: staged}\n"
+    expect_error(tmp_path, text, "search.mode", "staged")
+
+
+def test_unknown_key_in_search(tmp_path):
+    expect_error(tmp_path, VALID + "  num_sample: 3\n", "search.num_sample", "unknown key")
+
+
+def test_bad_value_in_search(tmp_path):
+    expect_error(tmp_path, VALID + "  sampler: {type: grid}\n", "search.sampler.type")
+
+
+def test_yaml_errors_pass_through(tmp_path):
+    expect_error(tmp_path, "base: {model: [\n", "YAML syntax error", "line")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_search_space(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_suggest_with_fixed_trial_uses_the_declared_distributions(tmp_path):
+    sp = load_search_space(write(tmp_path, VALID))
+    params = {"stage1.weight_decay": 0.01, "stage1.lr": 0.05, "stage2.weight_decay": 0.15,
+              "model.nbn": False, "posthoc.tau": 1.5}
+    trial = FixedTrial(params)
+    assert suggest(trial, sp.space, flat(sp.base)) is None
+    assert trial.params == params  # nbn false: the conditioned key was never asked for
+    assert trial.distributions["stage1.weight_decay"] == FloatDistribution(1e-4, 0.1, log=True)
+    assert trial.distributions["stage1.lr"] == FloatDistribution(0.01, 0.2)
+    assert trial.distributions["stage2.weight_decay"] == FloatDistribution(0.0, 0.5, step=0.05)
+    assert trial.distributions["model.nbn"] == CategoricalDistribution([False, True])
+    cfg = with_overrides(sp.base, trial.params)
+    assert cfg.stage1.weight_decay == 0.01 and cfg.posthoc.tau == 1.5
+
+
+def test_when_condition_holds_then_the_key_is_sampled(tmp_path):
+    sp = load_search_space(write(tmp_path, VALID))
+    params = {"stage1.weight_decay": 0.01, "stage1.lr": 0.05, "stage2.weight_decay": 0.15,
+              "model.nbn": True, "model.nbn_scale_weight_decay": False, "posthoc.tau": 1.5}
+    trial = FixedTrial(params)
+    suggest(trial, sp.space, flat(sp.base))
+    assert trial.params == params
+    assert trial.distributions["model.nbn_scale_weight_decay"] == CategoricalDistribution([True, False])
+
+
+def test_when_condition_on_a_base_value(tmp_path):
+    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2], when: {model.name: resnet8}}\n"
+    sp = load_search_space(write(tmp_path, text))
+    trial = FixedTrial({"posthoc.tau": 0.5})
+    suggest(trial, sp.space, flat(sp.base))
+    assert trial.params == {"posthoc.tau": 0.5}
+    other = with_overrides(sp.base, {"model.name": "resnet20"})
+    trial = FixedTrial({"posthoc.tau": 0.5})
+    suggest(trial, sp.space, flat(other))
+    assert trial.params == {}
+
+
+def test_study_samples_within_bounds_and_honours_when(tmp_path):
+    sp = load_search_space(write(tmp_path, VALID))
+    base = flat(sp.base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: suggest(trial, sp.space, base) or 0.0, n_trials=60)
+    trials = study.trials
+    assert len(trials) == 60
+    seen_nbn = set()
+    for t in trials:
+        p = t.params
+        assert 1e-4 <= p["stage1.weight_decay"] <= 0.1
+        assert 0.01 <= p["stage1.lr"] <= 0.2
+        assert 0.0 <= p["stage2.weight_decay"] <= 0.5
+        assert p["stage2.weight_decay"] / 0.05 == pytest.approx(round(p["stage2.weight_decay"] / 0.05), abs=1e-6)
+        assert 0.0 <= p["posthoc.tau"] <= 2.0
+        assert p["model.nbn"] in (False, True)
+        seen_nbn.add(p["model.nbn"])
+        assert ("model.nbn_scale_weight_decay" in p) == p["model.nbn"]
+        if p["model.nbn"]:
+            assert p["model.nbn_scale_weight_decay"] in (True, False)
+        # every sampled point is a valid experiment config
+        cfg = with_overrides(sp.base, p)
+        assert cfg.stage1.weight_decay == p["stage1.weight_decay"]
+    assert seen_nbn == {False, True}
+    # log-uniform: about 2/3 of the samples fall below 1e-2 in log space, under 1/10 in linear space
+    below = sum(t.params["stage1.weight_decay"] < 1e-2 for t in trials)
+    assert below >= 25
+    assert trials[0].distributions["stage1.weight_decay"].log is True
+    logs = [math.log10(t.params["stage1.weight_decay"]) for t in trials]
+    assert min(logs) < -3.0 and max(logs) > -1.5
+
+
+def test_sample_keys_by_phase(tmp_path):
+    text = VALID.replace("direction: max", "direction: max\n  mode: staged")
+    sp = load_search_space(write(tmp_path, text))
+    assert sp.search.mode == "staged"
+    assert sp.sample_keys("stage2") == ["stage2.weight_decay", "posthoc.tau"]
+    assert sp.sample_keys("stage1") == ["stage1.weight_decay", "stage1.lr", "model.nbn",
+                                        "model.nbn_scale_weight_decay"]
+    assert sp.sample_keys() == list(sp.space) and len(sp.sample_keys("all")) == 6
+
+
+def test_staged_mode_with_only_posthoc_keys_is_accepted(tmp_path):
+    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {mode: staged}\n"
+    sp = load_search_space(write(tmp_path, text))
+    assert sp.sample_keys("stage2") == ["posthoc.tau"] and sp.sample_keys("stage1") == []
+
+
+# ---------------------------------------------------------------- the repository's search spaces
+
+@pytest.mark.parametrize("path", SPACE_FILES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="search_spaces/ holds no *.yaml file"))], ids=lambda p: p.name if p else "none")
+def test_repository_search_space_validates(path):
+    sp = load_search_space(path)
+    assert sp.space
+    for key in sp.space:
+        section, _, field = key.partition(".")
+        assert field in getattr(ExperimentConfig, "model_fields")[section].annotation.model_fields
+    # a few random points of the space all give valid experiment configs
+    base = flat(sp.base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: suggest(trial, sp.space, base) or 0.0, n_trials=10)
+    for t in study.trials:
+        with_overrides(sp.base, t.params, source=f"{path.name} trial {t.number}")
