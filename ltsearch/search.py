@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -40,13 +41,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from .config import ConfigError, ExperimentConfig, dump_config, with_overrides  # noqa: E402
-from .space import SearchSettings, SearchSpaceFile, suggest  # noqa: E402
+from .space import Distribution, SearchSettings, SearchSpaceFile, suggest  # noqa: E402
 from .train import load_data, train  # noqa: E402
 
 __all__ = ["run_search", "connect", "SearchResult", "results_table", "EXPERIMENT_MARKER"]
 
 EXPERIMENT_MARKER = "space.yaml"
 ACCURACY_PREFIXES = ("val_acc", "test_acc", "tau_val_acc", "tau_test_acc")
+STAGE1_TRIAL = "stage1_trial"  # the stage-1 trial a staged search's stage-2 trial builds on
 
 
 @dataclass
@@ -128,6 +130,8 @@ def _trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storag
     """Tune function trainable: one configuration, reporting one result per epoch.
 
     `worker` holds the resolved resources of one worker ({"CPU": n, "GPU": g})."""
+    for noisy in ("ray.train", "ray.tune"):  # one "Checkpoint successfully created" line per epoch otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = SearchSettings.model_validate(settings)
     config = with_overrides(ExperimentConfig.model_validate(base), sampled)
     r, use_gpu = settings.resources, worker["GPU"] > 0
@@ -182,9 +186,10 @@ def _flat(config: ExperimentConfig) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, fields in config.model_dump().items() for k, v in fields.items()}
 
 
-def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, keys: list[str], base: ExperimentConfig,
-               num_samples: int, cluster: dict, resume: bool, trainable=None) -> tune.ResultGrid:
-    """One Tune experiment `exp/phase` searching `keys` of the space on top of `base`."""
+def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
+               base: ExperimentConfig, num_samples: int, cluster: dict, resume: bool,
+               trainable=None) -> tune.ResultGrid:
+    """One Tune experiment `exp/phase` searching `space` on top of `base` (default trainable: `_trial`)."""
     settings = spec.search
     worker, concurrent = _trial_resources(settings, cluster)
     if trainable is None:
@@ -197,7 +202,6 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, keys: list[str], ba
     if resume and tune.Tuner.can_restore(str(phase_path)):
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
 
-    space = {k: spec.space[k] for k in keys}
     flat_base = _flat(base)
     searcher = OptunaSearch(
         space=functools.partial(suggest, space=space, base=flat_base),  # picklable: Tune saves it
@@ -215,7 +219,7 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, keys: list[str], ba
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(
-            name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, keys),
+            name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, list(space)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
     )
@@ -267,6 +271,57 @@ def results_table(grid: tune.ResultGrid, spec: SearchSpaceFile, keys: list[str],
     return table, (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
+# ---------------------------------------------------------------------------- staged mode
+
+
+def _stage2_trial(sampled: dict, stage1_configs: dict, caches: dict, train_classifier: bool) -> None:
+    """Tune function trainable of a staged search's second phase: stage 2 on cached features."""
+    from .features import fit_classifier
+
+    sampled = dict(sampled)
+    parent = sampled.pop(STAGE1_TRIAL)
+    config = with_overrides(ExperimentConfig.model_validate(stage1_configs[parent]),
+                            {"stage2.enabled": train_classifier, **sampled})
+    fit_classifier(ray.get(caches[parent]), config, report=lambda metrics: tune.report(_scalars(metrics)))
+
+
+def _run_staged(exp: Path, spec: SearchSpaceFile, cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Search stage 1; cache features of its top-k checkpoints (by validation accuracy); search stage 2
+    (and tau) on them. The table has a `phase` column; stage-2 rows carry their stage-1 parent's values."""
+    from .features import cache_features
+
+    settings, staged = spec.search, spec.search.staged
+    stage1_keys, stage2_keys = spec.sample_keys("stage1"), spec.sample_keys("stage2")
+    base1 = with_overrides(spec.base, {"stage2.enabled": False})
+    grid1 = _run_phase(exp, "stage1", spec, {k: spec.space[k] for k in stage1_keys}, base1,
+                       settings.num_samples if stage1_keys else 1, cluster, resume)
+    table1, history1 = results_table(grid1, spec, stage1_keys, base1.stage1.epochs)
+    table1.insert(0, "phase", "stage1")
+    history1.insert(0, "phase", "stage1")
+    ranked = table1[table1["status"] != "ERROR"].sort_values("best_val_acc", ascending=False).head(staged.top_k)
+    configs, caches = {}, {}
+    remote_cache = ray.remote(cache_features).options(num_cpus=settings.resources.cpus_per_worker)
+    for _, row in ranked.iterrows():
+        config = with_overrides(base1, {k: _plain(row[k]) for k in stage1_keys if not _missing(row[k])})
+        configs[row["trial_id"]] = config.model_dump()
+        caches[row["trial_id"]] = remote_cache.remote(config, row["checkpoint"], staged.views)
+    print(f"Stage 2 on cached features of stage-1 trials {list(caches)} ({staged.views} views each)", flush=True)
+    space2 = {STAGE1_TRIAL: Distribution(choice=list(caches)), **{k: spec.space[k] for k in stage2_keys}}
+    worker, _ = _trial_resources(settings, cluster)
+    trainable = tune.with_resources(tune.with_parameters(_stage2_trial, stage1_configs=configs, caches=caches,
+                                                         train_classifier=spec.base.stage2.enabled),
+                                    {"cpu": worker["CPU"]})
+    grid2 = _run_phase(exp, "stage2", spec, space2, spec.base, staged.num_samples, cluster, resume, trainable)
+    table2, history2 = results_table(grid2, spec, list(space2),
+                                     spec.base.stage2.epochs if spec.base.stage2.enabled else 1)
+    parents = table1.set_index("trial_id")
+    for key in stage1_keys:
+        table2[key] = [parents.at[p, key] for p in table2[STAGE1_TRIAL]]
+    table2.insert(0, "phase", "stage2")
+    history2.insert(0, "phase", "stage2")
+    return pd.concat([table1, table2], ignore_index=True), pd.concat([history1, history2], ignore_index=True)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -274,6 +329,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _best_row(table: pd.DataFrame, settings: SearchSettings) -> pd.Series | None:
+    """The trial with the best final objective (staged mode: among stage-2 trials)."""
+    if "phase" in table:
+        table = table[table["phase"] == "stage2"]
     ok = table[table["status"] != "ERROR"].dropna(subset=["objective"]) if len(table) else table
     if not len(ok):
         return None
@@ -311,14 +369,11 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
     settings = spec.search
     started = time.time()
     if settings.mode == "joint":
-        keys = spec.sample_keys("all")
-        grid = _run_phase(exp, "search", spec, keys, spec.base, settings.num_samples, cluster, resume)
+        grid = _run_phase(exp, "search", spec, spec.space, spec.base, settings.num_samples, cluster, resume)
         max_epoch = spec.base.stage1.epochs + (spec.base.stage2.epochs if spec.base.stage2.enabled else 0)
-        table, history = results_table(grid, spec, keys, max_epoch)
+        table, history = results_table(grid, spec, list(spec.space), max_epoch)
     else:
-        from .staged import run_staged
-
-        table, history = run_staged(exp, spec, cluster, resume)
+        table, history = _run_staged(exp, spec, cluster, resume)
     best = _write_results(exp, spec, table, history, time.time() - started)
     return SearchResult(path=exp, results=table, best=best)
 

@@ -35,7 +35,8 @@ from .metrics import accuracy_metrics, class_groups, per_class_counts
 from .models import LTClassifier, build_model, nbn_parameters
 from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
 
-__all__ = ["train", "TrainingDiverged", "load_data", "resolve_device", "CHECKPOINT_FILE"]
+__all__ = ["train", "TrainingDiverged", "load_data", "resolve_device", "feature_counts", "metrics_from_counts",
+           "CHECKPOINT_FILE"]
 
 Report = Callable[[dict, "str | None"], None]
 CHECKPOINT_FILE = "state.pt"
@@ -91,6 +92,27 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def feature_counts(model: LTClassifier, feats: torch.Tensor, y: torch.Tensor, tau_weight: torch.Tensor) -> torch.Tensor:
+    """Per-class rows (correct, total, tau-normalised correct, summed CE loss) of one batch of features."""
+    num_classes = model.classifier.out_features
+    logits = model.logits_from_features(feats)
+    tau_logits = model.logits_from_features(feats, weight=tau_weight)
+    correct, total = per_class_counts(logits.argmax(1), y, num_classes)
+    tau_correct, _ = per_class_counts(tau_logits.argmax(1), y, num_classes)
+    loss = torch.zeros(num_classes, dtype=torch.float64, device=feats.device).index_add_(
+        0, y, nn.functional.cross_entropy(logits, y, reduction="none").double())
+    return torch.stack([correct, total, tau_correct, loss])
+
+
+def metrics_from_counts(counts: torch.Tensor, groups: dict[str, list[int]], split: str) -> dict:
+    """`{split}_loss`, `{split}_acc*` and `tau_{split}_acc*` from summed `feature_counts` rows."""
+    correct, total, tau_correct, loss = counts
+    return {f"{split}_loss": loss.sum().item() / max(total.sum().item(), 1.0),
+            **accuracy_metrics(correct, total, groups, split),
+            **accuracy_metrics(tau_correct, total, groups, f"tau_{split}")}
+
+
 class _Run:
     """Everything one training run shares across its stages: config, data, model, loaders, history."""
 
@@ -120,30 +142,18 @@ class _Run:
     @torch.no_grad()
     def evaluate(self, stage: int, tau: float) -> dict:
         """Val and test metrics of the current model, plus those of its tau-normalised classifier."""
-        model, num_classes = self.model, self.data.num_classes
+        model = self.model
         model.eval()
-        weight, bias = model.classifier.weight, model.classifier.bias
-        tau_weight = tau_normalize(weight, tau)
+        tau_weight = tau_normalize(model.classifier.weight, tau)
         out = {}
         for split, loader in self.eval_loaders.items():
-            counts = torch.zeros(3, num_classes, dtype=torch.float64, device=self.device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            counts = torch.zeros(4, self.data.num_classes, dtype=torch.float64, device=self.device)
             for x, y in loader:
                 with _autocast(self.device, self.config.trainer.precision):
                     feats = model.features(x)
-                logits = model.logits_from_features(feats.float())
-                tau_logits = model.logits_from_features(feats.float(), weight=tau_weight, bias=bias)
-                loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-                correct, total = per_class_counts(logits.argmax(1), y, num_classes)
-                tau_correct, _ = per_class_counts(tau_logits.argmax(1), y, num_classes)
-                counts += torch.stack([correct, total, tau_correct])
-            _all_sum(counts)
-            _all_sum(loss_sum)
-            correct, total, tau_correct = counts[0], counts[1], counts[2]
-            out[f"{split}_loss"] = loss_sum.item() / max(total.sum().item(), 1.0)
-            out.update(accuracy_metrics(correct, total, self.groups, split))
-            out.update(accuracy_metrics(tau_correct, total, self.groups, f"tau_{split}"))
-        out["classifier_norms"] = row_norms(weight).tolist()
+                counts += feature_counts(model, feats.float(), y, tau_weight)
+            out.update(metrics_from_counts(_all_sum(counts), self.groups, split))
+        out["classifier_norms"] = row_norms(model.classifier.weight).tolist()
         return out
 
     # ---------------------------------------------------------------- checkpoints
@@ -237,7 +247,8 @@ class _Run:
                 raise TrainingDiverged(f"stage {stage} epoch {epoch + 1}: training loss is {train_loss}")
 
             metrics = {"stage": stage, "epoch": epoch_offset + epoch + 1, "stage_epoch": epoch + 1,
-                       "lr": lr, "train_loss": train_loss, **self.evaluate(stage, self.config.posthoc.tau)}
+                       "lr": lr, "train_loss": train_loss, "world_size": self.world,
+                       **self.evaluate(stage, self.config.posthoc.tau)}
             metrics["epoch_time_s"] = time.perf_counter() - started
             self._track_best(stage, metrics)
             self.last[stage] = metrics
