@@ -14,9 +14,21 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "Stage1Config", "Stage2Config", "PosthocConfig",
-    "TrainerConfig", "ExperimentConfig", "load_yaml", "load_config", "apply_overrides", "parse_overrides",
-    "with_overrides", "format_validation_error", "dump_config",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "PosthocConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "TrainerConfig",
+    "apply_overrides",
+    "dump_config",
+    "format_validation_error",
+    "load_config",
+    "load_yaml",
+    "parse_overrides",
+    "with_overrides",
 ]
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .data import shot_groups, tercile_groups
 
-__all__ = ["per_class_counts", "accuracy_metrics", "class_groups"]
+__all__ = ["accuracy_metrics", "class_groups", "per_class_counts"]
 
 
 def per_class_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

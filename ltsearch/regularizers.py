@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["row_norms", "tau_normalize", "maxnorm_", "relative_max_norm", "weight_decay_groups"]
+__all__ = ["maxnorm_", "relative_max_norm", "row_norms", "tau_normalize", "weight_decay_groups"]
 
 
 def row_norms(weight: Tensor) -> Tensor:

@@ -32,19 +32,19 @@ from typing import Any
 # The legacy console output is the one that takes a CLIReporter (a compact table of chosen columns).
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-import ray  # noqa: E402
-import yaml  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+import optuna
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
-from .config import ConfigError, ExperimentConfig, dump_config, with_overrides  # noqa: E402
-from .space import Distribution, SearchSettings, SearchSpaceFile, suggest  # noqa: E402
-from .train import load_data, train  # noqa: E402
+from .config import ConfigError, ExperimentConfig, dump_config, with_overrides
+from .space import Distribution, SearchSettings, SearchSpaceFile, suggest
+from .train import load_data, train
 
-__all__ = ["run_search", "connect", "SearchResult", "results_table", "EXPERIMENT_MARKER"]
+__all__ = ["EXPERIMENT_MARKER", "SearchResult", "connect", "results_table", "run_search"]
 
 EXPERIMENT_MARKER = "space.yaml"
 ACCURACY_PREFIXES = ("val_acc", "test_acc", "tau_val_acc", "tau_test_acc")
@@ -383,7 +383,7 @@ def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, histor
     _atomic_write_text(exp / "results.csv", table.to_csv(index=False))
     _atomic_write_text(exp / "history.csv", history.to_csv(index=False))
     best_row = _best_row(table, spec.search)
-    summary: dict[str, Any] = {"experiment": str(exp), "num_trials": int(len(table)),
+    summary: dict[str, Any] = {"experiment": str(exp), "num_trials": len(table),
                                "wall_time_s": wall_time_s, "metric": spec.search.metrics}
     if best_row is not None:
         sampled = {k: _plain(best_row[k]) for k in spec.space if k in best_row and not _missing(best_row[k])}

@@ -20,11 +20,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import (ConfigError, ExperimentConfig, apply_overrides, format_validation_error, load_yaml,
-                     parse_overrides, validate_config)
+from .config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    format_validation_error,
+    load_yaml,
+    parse_overrides,
+    validate_config,
+)
 
-__all__ = ["Distribution", "SearchSettings", "SearchSpaceFile", "load_search_space", "DISTRIBUTIONS",
-           "suggest", "STAGE2_PREFIXES"]
+__all__ = [
+    "DISTRIBUTIONS",
+    "STAGE2_PREFIXES",
+    "Distribution",
+    "SearchSettings",
+    "SearchSpaceFile",
+    "load_search_space",
+    "suggest",
+]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "int", "choice")
 # Keys a `staged` search samples in its second phase, on cached stage-1 features.
@@ -46,7 +60,7 @@ class Distribution(_Strict):
     when: dict[str, Any] = {}  # sample only when these (earlier-sampled or base) keys have these values
 
     @model_validator(mode="after")
-    def _one_distribution(self) -> "Distribution":
+    def _one_distribution(self) -> Distribution:
         given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"expected exactly one of {list(DISTRIBUTIONS)}, got {given or 'none'}")
@@ -132,7 +146,7 @@ class SearchSettings(_Strict):
         return metric
 
     @model_validator(mode="after")
-    def _directions(self) -> "SearchSettings":
+    def _directions(self) -> SearchSettings:
         metrics = [self.metric] if isinstance(self.metric, str) else self.metric
         directions = [self.direction] * len(metrics) if isinstance(self.direction, str) else self.direction
         if len(directions) != len(metrics):

@@ -19,9 +19,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,15 @@ from .metrics import accuracy_metrics, class_groups, per_class_counts
 from .models import LTClassifier, build_model, nbn_parameters
 from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
 
-__all__ = ["train", "TrainingDiverged", "load_data", "resolve_device", "feature_counts", "metrics_from_counts",
-           "CHECKPOINT_FILE"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "TrainingDiverged",
+    "feature_counts",
+    "load_data",
+    "metrics_from_counts",
+    "resolve_device",
+    "train",
+]
 
 Report = Callable[[dict, "str | None"], None]
 CHECKPOINT_FILE = "state.pt"
@@ -51,8 +58,8 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device is 'cuda' but no CUDA device is available")
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name == "cuda":  # the device the launcher (e.g. Ray Train) selected for this rank
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -323,7 +330,7 @@ def train(config: ExperimentConfig, *, out_dir: str | Path | None = None, report
 def summarize(run: _Run) -> dict:
     """Final and best-by-validation metrics per stage (the `tau_*` entries of stage 1's best epoch are the
     post-hoc tau-normalisation result), the class counts and the per-epoch history (scalars only)."""
-    out = {"class_counts": run.data.class_counts, "num_train": int(len(run.data.train_y)),
+    out = {"class_counts": run.data.class_counts, "num_train": len(run.data.train_y),
            "class_names": list(run.data.class_names), "history": run.history}
     for stage, best in sorted(run.best.items()):
         out[f"stage{stage}"] = {"best_epoch": best["metrics"]["epoch"], "best": best["metrics"],

@@ -8,7 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from ltsearch.config import (
-    ConfigError, ExperimentConfig, dump_config, load_config, load_yaml, parse_overrides, with_overrides,
+    ConfigError,
+    ExperimentConfig,
+    dump_config,
+    load_config,
+    load_yaml,
+    parse_overrides,
+    with_overrides,
 )
 from ltsearch.losses import LOSSES
 from ltsearch.models import MODELS

@@ -12,10 +12,23 @@ import pytest
 import torch
 
 from ltsearch.data import (
-    DATASETS, MEAN, STD, DataError, LongTailData, TensorLoader, default_root, load_image_list, load_longtail,
-    load_split, lt_class_counts, random_crop_flip, resolve_root, shot_groups, split_longtail, tercile_groups,
+    DATASETS,
+    MEAN,
+    STD,
+    DataError,
+    LongTailData,
+    TensorLoader,
+    default_root,
+    load_image_list,
+    load_longtail,
+    load_split,
+    lt_class_counts,
+    random_crop_flip,
+    resolve_root,
+    shot_groups,
+    split_longtail,
+    tercile_groups,
 )
-
 
 # ---------------------------------------------------------------- long-tail counts and class groups
 

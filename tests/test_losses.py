@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from ltsearch.losses import LOSSES, build_loss, class_balanced_weights
 
-
 # ---------------------------------------------------------------- class-balanced weights
 
 def test_class_balanced_weights_hand_computed():

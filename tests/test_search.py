@@ -1,24 +1,18 @@
-"""Searches on real local Ray clusters over small synthetic CIFAR-10 folders (end-to-end, a few minutes)."""
+"""Searches on a real local Ray (started in this process) over small synthetic CIFAR-10 folders (end-to-end).
+
+`write_space` is shared with test_cluster.py, whose tests start their own clusters in subprocesses."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 import yaml
 
 from ltsearch.space import load_search_space
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_space(path: Path, root: Path, *, space: dict, search: dict, stage1_epochs=4, stage2_epochs=0) -> Path:
@@ -84,90 +78,30 @@ def test_two_worker_trial_trains_with_ddp(local_ray, cifar10_root, tmp_path):
     assert Path(table.loc[0, "checkpoint"], "state.pt").exists()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def test_staged_multi_objective_search(local_ray, cifar10_root, tmp_path):
+    """Stage 1 searched, stage 2 + tau searched on cached features of the top-2 stage-1 trials; two
+    objectives, so Optuna records a Pareto front."""
+    from ltsearch.search import run_search
 
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Kill only the Ray processes of the cluster whose temp dir is `temp_dir` (`ray stop` kills them all)."""
-    victims = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in proc.info["cmdline"] or []):
-            victims.append(proc)
-    for proc in victims:
-        proc.kill()
-    psutil.wait_procs(victims, timeout=10)
-
-
-def _ray_start(args: list[str], env: dict) -> None:
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "start", *args], check=True, env=env,
-                   capture_output=True, timeout=120)
-
-
-def test_search_on_a_two_node_cluster_through_address(cifar10_root, tmp_path):
-    temp_dir = f"/tmp/ltsr{os.getpid()}"  # short: Ray's unix sockets live under it
-    gcs, dashboard, client, head_mgr, head_obj, node_mgr, node_obj = _free_ports(7)
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    try:
-        _ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dashboard), "--ray-client-server-port", str(client), "--temp-dir", temp_dir,
-                    "--node-manager-port", str(head_mgr), "--object-manager-port", str(head_obj), *common], env)
-        _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-manager-port", str(node_mgr),
-                    "--object-manager-port", str(node_obj), *common], env)
-        path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=2, space={
-            "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
-            search={"num_samples": 2, "resources": {"num_workers": 2, "cpus_per_worker": 1}})
-        proc = subprocess.run([sys.executable, str(REPO / "run_search.py"), str(path), "--address",
-                               f"127.0.0.1:{gcs}", "--storage", str(tmp_path / "runs"), "--name", "cluster"],
-                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        table = pd.read_csv(tmp_path / "runs" / "cluster" / "results.csv")
-        assert len(table) == 2 and (table["stop_reason"] == "completed").all()
-        history = pd.read_csv(tmp_path / "runs" / "cluster" / "history.csv")
-        assert (history["world_size"] == 2).all()  # two ranks: one per node (1 CPU each)
-    finally:
-        _stop_cluster(temp_dir)
-
-
-def _finished_trials(search_dir: Path, epochs: int) -> dict[str, int]:
-    """Trial folder -> lines in its result.json, for trials that reported their last epoch."""
-    done = {}
-    for result in search_dir.glob("*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if lines and lines[-1].get("epoch") == epochs:
-            done[result.parent.name] = len(lines)
-    return done
-
-
-def test_resume_after_interrupt_does_not_repeat_finished_trials(cifar10_root, tmp_path):
-    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=3, space={
-        "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
-        search={"num_samples": 5, "max_concurrent": 1, "scheduler": {"enabled": False}})
-    cmd = [sys.executable, str(REPO / "run_search.py"), str(path), "--storage", str(tmp_path / "runs"),
-           "--name", "resume"]
-    search_dir = tmp_path / "runs" / "resume" / "search"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(_finished_trials(search_dir, 3)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
-    before = _finished_trials(search_dir, 3)
-    assert 2 <= len(before) < 5
-
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    after = _finished_trials(search_dir, 3)
-    assert len(after) == 5
-    assert {name: after[name] for name in before} == before  # finished trials were not run again
-    table = pd.read_csv(tmp_path / "runs" / "resume" / "results.csv")
-    assert len(table) == 5 and (table["stop_reason"] == "completed").all()
-    history = pd.read_csv(tmp_path / "runs" / "resume" / "history.csv")
-    assert not history.duplicated(["trial_id", "epoch"]).any()
+    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=2, stage2_epochs=2, space={
+        "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]},
+        "stage2.weight_decay": {"loguniform": [1e-3, 1.0]},
+        "stage2.maxnorm_thresh": {"uniform": [0.0, 1.0]},
+        "posthoc.tau": {"uniform": [0.0, 2.0]},
+    }, search={"mode": "staged", "num_samples": 3, "metric": ["val_acc", "val_acc_tail"],
+               "direction": ["max", "max"], "staged": {"top_k": 2, "num_samples": 6, "views": 2}})
+    result = run_search(load_search_space(path), storage=tmp_path / "runs", name="staged")
+    table = pd.read_csv(result.path / "results.csv")
+    stage1, stage2 = table[table["phase"] == "stage1"], table[table["phase"] == "stage2"]
+    assert len(stage1) == 3 and len(stage2) == 6
+    top2 = set(stage1.sort_values("best_val_acc", ascending=False)["trial_id"].head(2))
+    assert set(stage2["stage1_trial"]) <= top2
+    parents = stage1.set_index("trial_id")["stage1.weight_decay"]
+    assert (stage2["stage1.weight_decay"].to_numpy() == parents[stage2["stage1_trial"]].to_numpy()).all()
+    assert (stage2["epochs"] == 2).all() and stage2["final_val_acc"].notna().all()
+    best = yaml.safe_load((result.path / "best_config.yaml").read_text())
+    winner = stage2.loc[stage2["final_val_acc"].idxmax()]
+    assert best["stage2"]["weight_decay"] == pytest.approx(winner["stage2.weight_decay"])
+    assert best["stage1"]["weight_decay"] == pytest.approx(winner["stage1.weight_decay"])
+    pareto = pd.read_csv(result.path / "pareto.csv")
+    assert set(pareto["study"]) == {"stage1", "stage2"} and {"val_acc", "val_acc_tail"} <= set(pareto.columns)

@@ -337,7 +337,7 @@ def test_repository_search_space_validates(path):
     assert sp.space
     for key in sp.space:
         section, _, field = key.partition(".")
-        assert field in getattr(ExperimentConfig, "model_fields")[section].annotation.model_fields
+        assert field in ExperimentConfig.model_fields[section].annotation.model_fields
     # a few random points of the space all give valid experiment configs
     base = flat(sp.base)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
