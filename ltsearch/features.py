@@ -17,7 +17,7 @@ from .losses import build_loss
 from .metrics import class_groups
 from .models import LTClassifier, build_model
 from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
-from .train import CHECKPOINT_FILE, feature_counts, load_data, metrics_from_counts
+from .train import CHECKPOINT_FILE, cosine_lr, feature_counts, load_data, metrics_from_counts
 
 __all__ = ["cache_features", "fit_classifier"]
 
@@ -101,7 +101,7 @@ def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                group["lr"] = cosine_lr(step, total, 0, cfg.lr)
             loss = loss_fn(head(feats[idx]), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

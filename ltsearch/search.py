@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import ConfigError, ExperimentConfig, dump_config, with_overrides
+from .config import ConfigError, ExperimentConfig, with_overrides
 from .space import Distribution, SearchSettings, SearchSpaceFile, suggest
 from .train import load_data, train
 
@@ -388,10 +387,7 @@ def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, histor
     if best_row is not None:
         sampled = {k: _plain(best_row[k]) for k in spec.space if k in best_row and not _missing(best_row[k])}
         best_config = with_overrides(spec.base, sampled)
-        with tempfile.NamedTemporaryFile("w", dir=exp, delete=False, suffix=".yaml") as f:
-            tmp = f.name
-        dump_config(best_config, tmp)
-        os.replace(tmp, exp / "best_config.yaml")
+        _atomic_write_text(exp / "best_config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
         summary["best"] = {k: _plain(v) for k, v in best_row.items() if not _missing(v)}
     if spec.search.metrics and len(spec.search.metrics) > 1:
         _write_pareto(exp, spec)

@@ -91,7 +91,7 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     """Linear warm-up then cosine decay to 0, evaluated per optimisation step."""
     if step < warmup:
         return base * (step + 1) / warmup
@@ -225,7 +225,7 @@ class _Run:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             batches = _progress(loader, progress and self.rank == 0, f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
             for i, (x, y) in enumerate(batches):
-                lr = _lr_at(epoch * steps_per_epoch + i, total_steps, warmup, cfg.lr)
+                lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, warmup, cfg.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with _autocast(device, self.config.trainer.precision):

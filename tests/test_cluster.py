@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -45,14 +46,18 @@ def _stop_cluster(temp_dir: str) -> None:
 
 
 def _ray_start(args: list[str], env: dict) -> None:
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "start", *args], check=True, env=env,
-                   capture_output=True, timeout=120)
+    proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "start", *args], env=env,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"ray start {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
 
 
 def test_search_on_a_two_node_cluster_through_address(cifar10_root, tmp_path):
     temp_dir = f"/tmp/ltsr{os.getpid()}"  # short: Ray's unix sockets live under it
     gcs, dashboard, client, head_mgr, head_obj, node_mgr, node_obj = _free_ports(7)
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}  # what the cluster's own workers connect to
+    token = tmp_path / "auth_token"  # token authentication stays on, with a token of the test's own
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}",  # what the cluster's own workers connect to
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     try:
         _ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
