@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("space", help="search-space YAML (sections base, space, search)")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1",
+                        help="interface a local Ray's dashboard listens on (default: loopback only)")
     parser.add_argument("--storage", default="runs", help="experiments folder; shared (NFS) on several nodes")
     parser.add_argument("--name", help="experiment name (default: <space>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
         from ltsearch.search import run_search  # imports Ray: only after the input is known to be valid
 
         result = run_search(spec, storage=args.storage, name=args.name, address=args.address,
-                            resume=args.resume, source=args.space)
+                            dashboard_host=args.dashboard_host, resume=args.resume, source=args.space)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,8 @@
-"""Command line: `python -m ltsearch train CONFIG.yaml [--set key=value ...] [--out DIR] [--resume]`."""
+"""Command line:
+
+    python -m ltsearch train CONFIG.yaml [--set key=value ...] [--out DIR] [--resume]
+    python -m ltsearch report EXPERIMENT_DIR [--no-png]
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +39,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import write_report
+
+    try:
+        write_report(args.experiment, png=not args.no_png)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ltsearch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ltsearch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train one configuration (no Ray)")
     p.add_argument("config", help="experiment YAML (sections data, model, stage1, stage2, posthoc, trainer)")
@@ -44,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default runs/<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.set_defaults(func=_train)
+    p = commands.add_parser("report", help="write EXPERIMENT_DIR/report.html and figures/*.png of a finished search")
+    p.add_argument("experiment", help="experiment folder written by run_search.py (holds results.csv)")
+    p.add_argument("--no-png", action="store_true", help="skip the PNGs (they need kaleido and a Chromium)")
+    p.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -30,6 +30,8 @@ from typing import Any
 
 # The legacy console output is the one that takes a CLIReporter (a compact table of chosen columns).
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Save Tune's experiment state every 2 s (default: 10 s or more): what a hard kill of the driver can lose.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
 import optuna
 import pandas as pd
@@ -41,7 +43,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .config import ConfigError, ExperimentConfig, with_overrides
 from .space import Distribution, SearchSettings, SearchSpaceFile, suggest
-from .train import load_data, train
+from .train import TrainingDiverged, load_data, train
 
 __all__ = ["EXPERIMENT_MARKER", "SearchResult", "connect", "results_table", "run_search"]
 
@@ -60,9 +62,12 @@ class SearchResult:
 # ---------------------------------------------------------------------------- cluster
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict:
+def connect(address: str | None = None, dashboard_host: str = "127.0.0.1", num_cpus: int | None = None,
+            quiet: bool = False) -> dict:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray in this process with its
-    dashboard on loopback. Returns the cluster's resources and dashboard URL."""
+    dashboard on `dashboard_host` (loopback unless the caller passes another interface). Ray's own
+    gRPC ports follow Ray's defaults; token authentication guards them (see docs/reliability.md).
+    Returns the cluster's resources and dashboard URL."""
     url = None
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "WARNING"}
@@ -70,7 +75,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         if address:
             context = ray.init(address=address, **kwargs)
         else:
-            context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+            context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host, **kwargs)
         url = context.dashboard_url
     return {"resources": ray.cluster_resources(), "dashboard_url": url}
 
@@ -101,6 +106,20 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
 
+def _train_and_report(config: ExperimentConfig, report, checkpoint, metrics: list[str]) -> None:
+    """Run `train`, resuming from `checkpoint` (a Ray checkpoint or None). A diverged run ends with one
+    last result carrying the reason in `diverged` and NaN objectives: the trial stops, the search goes on,
+    and Optuna records the trial as failed instead of Tune retrying a deterministic failure."""
+    try:
+        if checkpoint is None:
+            train(config, report=report)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                train(config, report=report, resume_from=resume_dir)
+    except TrainingDiverged as err:
+        report({"epoch": err.epoch, "diverged": str(err), **{m: float("nan") for m in metrics}}, None)
+
+
 def _train_worker(loop_config: dict) -> None:
     """Ray Train worker: one DDP rank of a trial."""
     import ray.train
@@ -117,12 +136,7 @@ def _train_worker(loop_config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        train(config, report=report)
-    else:
-        with checkpoint.as_directory() as resume_dir:
-            train(config, report=report, resume_from=resume_dir)
+    _train_and_report(config, report, ray.train.get_checkpoint(), loop_config["metrics"])
 
 
 def _trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage: str) -> None:
@@ -143,12 +157,7 @@ def _trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storag
             checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             tune.report(_scalars(metrics), checkpoint=checkpoint)
 
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            train(config, report=report)
-        else:
-            with checkpoint.as_directory() as resume_dir:
-                train(config, report=report, resume_from=resume_dir)
+        _train_and_report(config, report, tune.get_checkpoint(), settings.metrics)
         return
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -157,7 +166,7 @@ def _trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storag
 
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": config.model_dump()},
+        train_loop_config={"config": config.model_dump(), "metrics": settings.metrics},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={k: v for k, v in worker.items() if v}),
         run_config=RunConfig(name=tune.get_context().get_trial_id(), storage_path=train_storage,
@@ -169,6 +178,28 @@ def _trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storag
 
 
 # ---------------------------------------------------------------------------- search
+
+
+class _ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch whose SQLite study can be ahead of its own saved state after a hard kill of the driver.
+
+    The study commits every ask and tell at once, while Tune saves the searcher only every few seconds.
+    On restore, trials the study started that Tune never recorded are marked failed (Tune will not run
+    them), and late reports for trials the study already finished are dropped instead of crashing.
+    """
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            if trial.number not in known:
+                self._ot_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
 
 
 def _sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
@@ -202,7 +233,7 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Di
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
 
     flat_base = _flat(base)
-    searcher = OptunaSearch(
+    searcher = _ResumableOptunaSearch(
         space=functools.partial(suggest, space=space, base=flat_base),  # picklable: Tune saves it
         metric=settings.metrics if len(settings.metrics) > 1 else settings.metrics[0],
         mode=settings.directions if len(settings.metrics) > 1 else settings.directions[0],
@@ -259,8 +290,11 @@ def results_table(grid: tune.ResultGrid, spec: SearchSpaceFile, keys: list[str],
             row["checkpoint"] = (result.checkpoint.path if result.checkpoint else last.get("checkpoint_path"))
         row["epochs"] = epochs
         row["objective"] = row.get(f"final_{first}")
+        diverged = frame["diverged"].dropna() if frame is not None and "diverged" in frame else []
         if result.error is not None:
             row["status"], row["stop_reason"] = "ERROR", str(result.error).strip().splitlines()[-1][:300]
+        elif len(diverged):
+            row["status"], row["stop_reason"] = "TERMINATED", f"diverged: {diverged.iloc[-1]}"
         elif epochs >= max_epoch:
             row["status"], row["stop_reason"] = "TERMINATED", "completed"
         else:
@@ -339,9 +373,11 @@ def _best_row(table: pd.DataFrame, settings: SearchSettings) -> pd.Series | None
 
 
 def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str | None = None,
-               address: str | None = None, resume: bool = False, source: str = "space") -> SearchResult:
+               address: str | None = None, dashboard_host: str = "127.0.0.1", resume: bool = False,
+               source: str = "space") -> SearchResult:
     """Run (or resume) the search described by `spec`; return its results table and best trial."""
     storage = Path(storage).expanduser().resolve()
+    load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
     if resume:
         if name is None:
             raise ConfigError("--resume needs --name (the experiment to continue)")
@@ -359,8 +395,7 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
             raise ConfigError(f"--storage: cannot create {exp}: {err.strerror}") from None
         _atomic_write_text(exp / EXPERIMENT_MARKER, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
-    load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
-    info = connect(address)
+    info = connect(address, dashboard_host)
     if info["dashboard_url"]:
         print(f"Ray dashboard: http://{info['dashboard_url']} (token auth: see README 'Dashboard')", flush=True)
     print(f"Experiment: {exp}", flush=True)

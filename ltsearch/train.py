@@ -50,7 +50,11 @@ CHECKPOINT_FILE = "state.pt"
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite at global epoch `epoch`."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,7 +255,8 @@ class _Run:
                 maxnorm_(model.classifier.weight, max_norm)
             train_loss = _all_sum(loss_sum).item() / (steps_per_epoch * self.world)
             if not math.isfinite(train_loss):
-                raise TrainingDiverged(f"stage {stage} epoch {epoch + 1}: training loss is {train_loss}")
+                raise TrainingDiverged(f"stage {stage} epoch {epoch + 1}: training loss is {train_loss}",
+                                       epoch_offset + epoch + 1)
 
             metrics = {"stage": stage, "epoch": epoch_offset + epoch + 1, "stage_epoch": epoch + 1,
                        "lr": lr, "train_loss": train_loss, "world_size": self.world,
