@@ -283,7 +283,7 @@ def results_table(grid: tune.ResultGrid, spec: SearchSpaceFile, keys: list[str],
             epochs = int(last["epoch"])
             reported = [c for c in frame.columns if c.startswith(ACCURACY_PREFIXES) or c in settings.metrics]
             row.update({f"final_{c}": last[c] for c in reported})
-            if "val_acc" in frame:
+            if "val_acc" in frame and frame["val_acc"].notna().any():
                 best = frame.loc[frame["val_acc"].idxmax()]
                 row["best_epoch"] = int(best["epoch"])
                 row.update({f"best_{c}": best[c] for c in reported})
