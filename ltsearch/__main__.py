@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default runs/<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.set_defaults(func=_train)
-    p = commands.add_parser("report", help="write EXPERIMENT_DIR/report.html and figures/*.png of a finished search")
+    p = commands.add_parser("report", help="write report.html and figures/*.png of a finished search")
     p.add_argument("experiment", help="experiment folder written by run_search.py (holds results.csv)")
     p.add_argument("--no-png", action="store_true", help="skip the PNGs (they need kaleido and a Chromium)")
     p.set_defaults(func=_report)

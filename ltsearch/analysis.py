@@ -109,15 +109,18 @@ def load_experiment(path: str | Path) -> Experiment:
     ids = {"trial_id": str, "stage1_trial": str}  # Tune's hex ids can look like numbers ("1234e567")
     results = pd.read_csv(path / "results.csv", dtype=ids)
     history_file = path / "history.csv"
-    history = (pd.read_csv(history_file, dtype=ids) if history_file.is_file() and history_file.stat().st_size > 1
-               else pd.DataFrame(columns=["trial_id", "epoch"]))
+    if history_file.is_file() and history_file.stat().st_size > 1:  # no trial reported: an empty file
+        history = pd.read_csv(history_file, dtype=ids)
+    else:
+        history = pd.DataFrame(columns=["trial_id", "epoch"])
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     best_trial = summary.get("best", {}).get("trial_id")
     best_config_file = path / "best_config.yaml"
     results["outcome"] = _outcomes(results, best_trial)
     return Experiment(
         path=path, results=results, history=history, space=space,
-        metrics=_as_list(search.get("metric", "val_acc")), directions=_as_list(search.get("direction", "max")),
+        metrics=_as_list(search.get("metric", "val_acc")),
+        directions=_as_list(search.get("direction", "max")),
         stage1_epochs=int(spec.get("base", {}).get("stage1", {}).get("epochs", 0)),
         best_trial=None if best_trial is None else str(best_trial),
         best_config=yaml.safe_load(best_config_file.read_text()) if best_config_file.is_file() else None,
@@ -337,8 +340,8 @@ def per_class_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
                        _load_state(_checkpoint_dir(exp, baseline)), 1))
     best_state = _load_state(_checkpoint_dir(exp, exp.best_trial))
     for stage in sorted(best_state["best"]):
-        models.append((f"best trial: {'stage 1' if stage == 1 else 'after stage 2'}", exp.best_trial, best_state,
-                       stage))
+        label = f"best trial: {'stage 1' if stage == 1 else 'after stage 2'}"
+        models.append((label, exp.best_trial, best_state, stage))
     frames = []
     for label, trial_id, state, stage in models:
         metrics = state["best"][stage]["metrics"]
@@ -355,11 +358,14 @@ def per_class_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figu
     """Per-class accuracy and per-class classifier weight norm against class size (log axis)."""
     frame = per_class_frame(exp, split)
     labels = {"class_size": "training images in the class (log axis)", "model": "model",
-              "accuracy": f"per-class {split} accuracy (%)", "classifier_norm": "classifier weight norm ||w_c|| (L2)"}
+              "accuracy": f"per-class {split} accuracy (%)",
+              "classifier_norm": "classifier weight norm ||w_c|| (L2)"}
     models = list(dict.fromkeys(frame["model"]))  # baseline, best stage 1, best after stage 2
-    colours = {m: "#9E9E9E" if m.startswith("naive") else "#E45756" if "stage 2" in m else "#4C78A8" for m in models}
-    common = dict(x="class_size", color="model", markers=True, log_x=True, hover_data=["class_name", "trial_id"],
-                  labels=labels, category_orders={"model": models}, color_discrete_map=colours)
+    colours = {m: "#9E9E9E" if m.startswith("naive") else "#E45756" if "stage 2" in m else "#4C78A8"
+               for m in models}
+    common = {"x": "class_size", "color": "model", "markers": True, "log_x": True, "labels": labels,
+              "hover_data": ["class_name", "trial_id"], "category_orders": {"model": models},
+              "color_discrete_map": colours}
     frame = frame.sort_values("class_size", kind="stable")  # lines run along the x axis
     accuracy = px.line(frame, y="accuracy", **common)
     accuracy.update_yaxes(range=[-3, 103])
@@ -371,7 +377,8 @@ def per_class_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figu
         fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0, "title": None})
     return {
         "per_class_accuracy": _style(accuracy, f"Per-class {split} accuracy against class size ({exp.name})"),
-        "classifier_norms": _style(norms, f"Per-class classifier weight norms against class size ({exp.name})"),
+        "classifier_norms": _style(norms,
+                                   f"Per-class classifier weight norms against class size ({exp.name})"),
     }
 
 
@@ -386,7 +393,8 @@ def progress_frame(exp: Experiment) -> pd.DataFrame:
     start = (frame["timestamp"] - frame["time_total_s"]).min()
     best_so_far = frame[metric].cummax() if exp.directions[0] == "max" else frame[metric].cummin()
     return pd.DataFrame({
-        "trial_id": frame["trial_id"], "epoch": frame["epoch"], "cumulative_epochs": np.arange(1, len(frame) + 1),
+        "trial_id": frame["trial_id"], "epoch": frame["epoch"],
+        "cumulative_epochs": np.arange(1, len(frame) + 1),
         "wall_time_s": frame["timestamp"] - start, "value": frame[metric], "best_so_far": best_so_far,
     }).reset_index(drop=True)
 
@@ -407,12 +415,13 @@ def progress_figure(exp: Experiment) -> go.Figure:
     fig.update_xaxes(title_text="cumulative training epochs (all trials)", row=1, col=1)
     fig.update_xaxes(title_text="wall-clock time since the search started (s)", row=1, col=2)
     fig.update_yaxes(title_text=_metric_label(exp.objective), row=1, col=1)
-    return _style(fig, f"Search progress: best {_metric_label(exp.objective).split(' (')[0]} so far ({exp.name})")
+    objective = _metric_label(exp.objective).split(" (")[0]
+    return _style(fig, f"Search progress: best {objective} so far ({exp.name})")
 
 
 def survival_frame(exp: Experiment) -> pd.DataFrame:
     """Trials still running at each epoch (ASHA rung survival), per phase in a staged search."""
-    rows = exp.results.assign(phase=exp.results["phase"] if "phase" in exp.results else "search")
+    rows = exp.results.assign(phase=exp.results.get("phase", "search"))
     frames = []
     for phase, group in rows.groupby("phase", sort=False):
         epochs = np.arange(1, int(group["epochs"].max()) + 1)
@@ -474,6 +483,9 @@ def importance_frame(exp: Experiment) -> pd.DataFrame:
     A study Optuna cannot evaluate (too few completed trials) gets one row with a `note` and no parameter."""
     import optuna  # deferred: ~0.5 s, only this figure needs it
 
+    columns = ["study", "parameter", "importance", "note"]
+    if not (exp.path / "optuna.db").is_file():
+        return pd.DataFrame([{"study": "-", "note": f"no optuna.db in {exp.path}"}], columns=columns)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{exp.path / 'optuna.db'}"
     rows: list[dict[str, Any]] = []
@@ -489,7 +501,7 @@ def importance_frame(exp: Experiment) -> pd.DataFrame:
                                                 + (equal[0] if equal else "no completed trial")})
         else:
             rows += [{"study": name, "parameter": p, "importance": v} for p, v in importances.items()]
-    return pd.DataFrame(rows, columns=["study", "parameter", "importance", "note"])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def importance_figure(exp: Experiment) -> go.Figure:
@@ -510,7 +522,8 @@ def importance_figure(exp: Experiment) -> go.Figure:
 
 def _tail_pair(rows: pd.DataFrame, split: str) -> tuple[str, str]:
     """(many, few) when the dataset has both groups, else (head, tail): CIFAR-10-LT has no few-shot class."""
-    both = all(c in rows and rows[c].notna().any() for c in (_group_column(split, "many"), _group_column(split, "few")))
+    columns = (_group_column(split, "many"), _group_column(split, "few"))
+    both = all(c in rows and rows[c].notna().any() for c in columns)
     return ("many", "few") if both else ("head", "tail")
 
 
@@ -524,7 +537,7 @@ def pareto_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
                           "head_accuracy": rows[_group_column(split, head)],
                           "tail_accuracy": rows[_group_column(split, tail)]}).dropna()
     a, b = frame["head_accuracy"].to_numpy(), frame["tail_accuracy"].to_numpy()
-    dominated = [bool(((a >= a[i]) & (b >= b[i]) & ((a > a[i]) | (b > b[i]))).any()) for i in range(len(frame))]
+    dominated = [((a >= a[i]) & (b >= b[i]) & ((a > a[i]) | (b > b[i]))).any() for i in range(len(frame))]
     return frame.assign(on_front=~np.array(dominated, dtype=bool)).reset_index(drop=True)
 
 
@@ -532,15 +545,16 @@ def pareto_figure(exp: Experiment, split: str = "test") -> go.Figure:
     frame = pareto_frame(exp, split)
     head, tail = frame["head_group"].iat[0], frame["tail_group"].iat[0]
     x_label, y_label = (f"{split} {GROUP_NAMES[g]} accuracy (%)" for g in (head, tail))
-    fig = px.scatter(frame, x="head_accuracy", y="tail_accuracy", symbol="outcome", symbol_map=OUTCOME_SYMBOLS,
-                     category_orders={"outcome": list(OUTCOME_SYMBOLS)}, hover_data=["trial_id"],
+    fig = px.scatter(frame, x="head_accuracy", y="tail_accuracy", symbol="outcome",
+                     symbol_map=OUTCOME_SYMBOLS, category_orders={"outcome": list(OUTCOME_SYMBOLS)},
+                     hover_data=["trial_id"],
                      labels={"head_accuracy": x_label, "tail_accuracy": y_label, "outcome": "trial"})
     fig.update_traces(marker={"size": 12, "color": "#4C78A8"})
     fig.update_yaxes(range=[-3, max(frame["tail_accuracy"].max() * 1.1, 10)])  # all-zero tails stay readable
     fig.update_traces(marker={"size": 18}, selector=lambda t: "best" in (t.name or ""))
     front = frame[frame["on_front"]].sort_values("head_accuracy")
-    fig.add_trace(go.Scatter(x=front["head_accuracy"], y=front["tail_accuracy"], mode="lines", name="Pareto front",
-                             line={"color": "#E45756", "width": 2, "dash": "dash"}))
+    fig.add_trace(go.Scatter(x=front["head_accuracy"], y=front["tail_accuracy"], mode="lines",
+                             name="Pareto front", line={"color": "#E45756", "width": 2, "dash": "dash"}))
     title = f"{head.capitalize()} vs {tail} {split} accuracy: the trade-off and its Pareto front ({exp.name})"
     return _style(fig, title, width=900, height=600)
 
@@ -566,7 +580,7 @@ def all_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figure]:
         figures.update(per_class_figures(exp, split))
     except (OSError, ValueError, KeyError) as err:
         print(f"per-class figures skipped: {err}")
-    figures.update(progress=progress_figure(exp), asha_survival=survival_figure(exp),
+    figures.update(search_progress=progress_figure(exp), asha_survival=survival_figure(exp),
                    parallel_coordinates=parallel_coordinates_figure(exp, split),
                    param_importances=importance_figure(exp), pareto=pareto_figure(exp, split))
     return figures

@@ -42,7 +42,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .config import ConfigError, ExperimentConfig, with_overrides
-from .space import Distribution, SearchSettings, SearchSpaceFile, suggest
+from .space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
 from .train import TrainingDiverged, load_data, train
 
 __all__ = ["EXPERIMENT_MARKER", "SearchResult", "connect", "results_table", "run_search"]
@@ -212,10 +212,6 @@ def _sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
                                       multivariate=True, group=True)
 
 
-def _flat(config: ExperimentConfig) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, fields in config.model_dump().items() for k, v in fields.items()}
-
-
 def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
                base: ExperimentConfig, num_samples: int, cluster: dict, resume: bool,
                trainable=None) -> tune.ResultGrid:
@@ -232,7 +228,7 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Di
     if resume and tune.Tuner.can_restore(str(phase_path)):
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
 
-    flat_base = _flat(base)
+    flat_base = flat_config(base)
     searcher = _ResumableOptunaSearch(
         space=functools.partial(suggest, space=space, base=flat_base),  # picklable: Tune saves it
         metric=settings.metrics if len(settings.metrics) > 1 else settings.metrics[0],

@@ -36,6 +36,7 @@ __all__ = [
     "Distribution",
     "SearchSettings",
     "SearchSpaceFile",
+    "flat_config",
     "load_search_space",
     "suggest",
 ]
@@ -195,7 +196,8 @@ def suggest(trial, space: dict[str, Distribution], base: dict[str, Any]) -> None
             values[key] = trial.suggest_categorical(key, dist.choice)
 
 
-def _flat(config: ExperimentConfig) -> dict[str, Any]:
+def flat_config(config: ExperimentConfig) -> dict[str, Any]:
+    """`{"stage1.weight_decay": 0.005, ...}`: the config under the dotted keys a space uses."""
     return {f"{section}.{key}": value for section, fields in config.model_dump().items()
             for key, value in fields.items()}
 
@@ -249,7 +251,7 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None,
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source, "search")) from None
 
-    flat = _flat(base)
+    flat = flat_config(base)
     for key, dist in space.items():
         if key not in flat:
             raise ConfigError(f"{source}: space.{key}: not a key of the experiment config "
