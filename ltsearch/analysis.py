@@ -214,8 +214,9 @@ def _final_rows(exp: Experiment) -> pd.DataFrame:
     return rows[rows["phase"] == "stage2"] if "phase" in rows else rows
 
 
-def _group_column(split: str, group: str, prefix: str = "final") -> str:
-    return f"{prefix}_{split}_acc" + ("" if group == "overall" else f"_{group}")
+def _group_column(split: str, group: str) -> str:
+    """The results.csv column of a trial's final accuracy in a group: final_test_acc, final_test_acc_few."""
+    return f"final_{split}_acc" + ("" if group == "overall" else f"_{group}")
 
 
 # ---------------------------------------------------------------------------- accuracy vs regularisation
@@ -329,16 +330,18 @@ def per_class_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
     """One row per model and class: `split` accuracy (%) and classifier weight norm against class size.
 
     Models, each at its best-by-validation epoch: the best trial after stage 1 and (when it ran) after
-    stage 2, and the naive baseline's stage 1 (`naive_baseline_trial`) unless it is the best trial."""
+    stage 2, and the naive baseline's stage 1 (`naive_baseline_trial`) unless that is the same checkpoint
+    (in a staged search the best trial's stage-1 parent can be the baseline).
+    A staged search keeps no stage-2 model: its best trial shows its stage-1 parent only."""
     if exp.best_trial is None:
         raise ValueError(f"{exp.path}: summary.json names no best trial")
     models: list[tuple[str, str, dict, int]] = []
-    baseline = naive_baseline_trial(exp)
-    if baseline is not None and baseline != exp.best_trial:
+    baseline, best_checkpoint = naive_baseline_trial(exp), _checkpoint_dir(exp, exp.best_trial)
+    if baseline is not None and _checkpoint_dir(exp, baseline) != best_checkpoint:
         wd = exp.results.set_index("trial_id").at[baseline, "stage1.weight_decay"]
         models.append((f"naive baseline (smallest stage-1 WD, {wd:.1e}): stage 1", baseline,
                        _load_state(_checkpoint_dir(exp, baseline)), 1))
-    best_state = _load_state(_checkpoint_dir(exp, exp.best_trial))
+    best_state = _load_state(best_checkpoint)
     for stage in sorted(best_state["best"]):
         label = f"best trial: {'stage 1' if stage == 1 else 'after stage 2'}"
         models.append((label, exp.best_trial, best_state, stage))
@@ -387,7 +390,8 @@ def per_class_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figu
 
 def progress_frame(exp: Experiment) -> pd.DataFrame:
     """Every reported epoch in time order, with cumulative training epochs (all trials), wall-clock seconds
-    since the search started, the objective value and its best value so far."""
+    since the search started, the objective value and its best value so far (over every epoch any trial
+    reported, as ASHA and Optuna saw them)."""
     metric = exp.objective
     frame = exp.history.dropna(subset=[metric]).sort_values(["timestamp", "time_total_s"], kind="stable")
     start = (frame["timestamp"] - frame["time_total_s"]).min()
@@ -412,6 +416,7 @@ def progress_figure(exp: Experiment) -> go.Figure:
         fig.add_trace(go.Scatter(x=frame[x], y=frame["best_so_far"], mode="lines", line_shape="hv",
                                  name="best so far", line={"color": "#E45756", "width": 3},
                                  showlegend=col == 1), row=1, col=col)
+    fig.update_xaxes(rangemode="tozero")
     fig.update_xaxes(title_text="cumulative training epochs (all trials)", row=1, col=1)
     fig.update_xaxes(title_text="wall-clock time since the search started (s)", row=1, col=2)
     fig.update_yaxes(title_text=_metric_label(exp.objective), row=1, col=1)
@@ -591,8 +596,9 @@ def _table_html(exp: Experiment, table: pd.DataFrame) -> str:
     for column in formatted.columns:
         if column in exp.space and exp.space[column]["kind"] == "loguniform":
             formatted[column] = formatted[column].map(lambda v: "" if _missing(v) else f"{v:.2e}")
-        elif pd.api.types.is_float_dtype(formatted[column]):
-            formatted[column] = formatted[column].map(lambda v: "" if _missing(v) else f"{v:.3g}")
+        elif pd.api.types.is_float_dtype(formatted[column]):  # accuracies keep 2 decimals: 28.49 vs 28.47
+            digits = 3 if column in exp.space else 4
+            formatted[column] = formatted[column].map(lambda v, d=digits: "" if _missing(v) else f"{v:.{d}g}")
     labels = {"objective": f"objective: {exp.objective}"}
     return formatted.rename(columns=labels).to_html(index=False, border=0, classes="trials")
 

@@ -169,7 +169,8 @@ class _Run:
 
     # ---------------------------------------------------------------- checkpoints
     def state(self, stage: int, stage_epoch: int, optimizer: torch.optim.Optimizer) -> dict:
-        return {"config": self.config.model_dump(), "stage": stage, "stage_epoch": stage_epoch,
+        return {"config": self.config.model_dump(), "class_counts": self.data.class_counts,
+                "class_names": list(self.data.class_names), "stage": stage, "stage_epoch": stage_epoch,
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "best": self.best, "last": self.last, "history": self.history}
 

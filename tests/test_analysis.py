@@ -1,0 +1,356 @@
+"""Analysis frames, figures, notebooks and the report command.
+
+Unit tests build a small experiment folder by hand (CSV files, a SQLite Optuna study, checkpoints holding
+class counts); no Ray, no data. The end-to-end tests run one small real search on synthetic CIFAR-10, then
+execute every notebook headless and the report command on it, and look inside what they produced."""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import plotly.io as pio
+import pytest
+import torch
+import yaml
+
+from ltsearch import analysis
+from ltsearch.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "analysis").glob("*.ipynb"))
+OLD_HOME = "/old/place/exp"  # where the hand-made experiment was "written"; it now lives in tmp_path
+COUNTS = [50, 30, 18, 10, 6]
+GROUP_VALUES = ("many", "medium", "head", "middle", "tail")
+
+# trial id, stage-1 WD, NBN, tau, epochs, status, stop reason, val acc, test acc,
+# test acc of (many, medium, head, middle, tail)
+ASHA = "stopped early by ASHA at epoch"
+TRIALS = [
+    ("1234e567", 1e-2, True, 1.0, 5, "TERMINATED", "completed", 40.0, 38.0, (60, 20, 65, 30, 10)),
+    ("aaaa0001", 1e-4, False, 0.5, 5, "TERMINATED", "completed", 30.0, 29.0, (55, 5, 60, 20, 2)),
+    ("aaaa0002", 5e-5, False, 1.5, 1, "TERMINATED", f"{ASHA} 1", 20.0, 19.0, (40, 0, 40, 5, 0)),
+    ("aaaa0003", 3e-3, True, 0.2, 3, "TERMINATED", f"{ASHA} 3", 35.0, 34.0, (50, 25, 50, 30, 15)),
+    ("aaaa0004", 2e-2, True, 1.8, 0, "ERROR", "RuntimeError: boom", None, None, (None,) * 5),
+]
+
+
+def _state(stages: dict[int, list[float]]) -> dict:
+    """A trainer checkpoint with per-class test accuracies per stage (None: a class without test images)."""
+    norms = [1.0 + c / 10 for c in range(5)]
+    best = {stage: {"metrics": {"stage": stage, "epoch": 3 * stage, "test_per_class_acc": acc,
+                                "val_per_class_acc": acc, "classifier_norms": norms}, "model": {}}
+            for stage, acc in stages.items()}
+    return {"best": best, "config": {}, "class_counts": COUNTS, "class_names": [f"c{c}" for c in range(5)]}
+
+
+def _write_experiment(exp: Path) -> Path:
+    exp.mkdir()
+    space = {"stage1.weight_decay": {"loguniform": [1e-5, 1e-1], "uniform": None, "choice": None},
+             "model.nbn": {"choice": [False, True]},
+             "posthoc.tau": {"uniform": [0.0, 2.0]}}
+    (exp / "space.yaml").write_text(yaml.safe_dump({
+        "base": {"stage1": {"epochs": 3}, "stage2": {"epochs": 2}}, "space": space,
+        "search": {"metric": "val_acc", "direction": "max"}}, sort_keys=False))
+    rows, history = [], []
+    for i, (trial_id, wd, nbn, tau, epochs, status, stop, val, test, groups) in enumerate(TRIALS):
+        checkpoint = f"{OLD_HOME}/search/{trial_id}/checkpoint_000004" if epochs else None
+        row = {"trial_id": trial_id, "stage1.weight_decay": wd, "model.nbn": nbn, "posthoc.tau": tau,
+               "final_val_acc": val, "final_test_acc": test, "final_test_acc_few": None,
+               **{f"final_test_acc_{g}": v for g, v in zip(GROUP_VALUES, groups, strict=True)},
+               "checkpoint": checkpoint, "epochs": epochs, "objective": val, "status": status,
+               "stop_reason": stop}
+        rows.append(row)
+        for epoch in range(1, epochs + 1):
+            history.append({"trial_id": trial_id, "epoch": epoch, "val_acc": val - 2 * (epochs - epoch),
+                            "timestamp": 1000 + 7 * i + 10 * epoch, "time_total_s": 10.0 * epoch})
+    pd.DataFrame(rows).to_csv(exp / "results.csv", index=False)
+    pd.DataFrame(history).to_csv(exp / "history.csv", index=False)
+    (exp / "summary.json").write_text(json.dumps({"experiment": OLD_HOME, "best": {"trial_id": "1234e567"},
+                                                  "wall_time_s": 90.0}))
+    (exp / "best_config.yaml").write_text(yaml.safe_dump({"stage1": {"weight_decay": 1e-2}}))
+    per_class = {"1234e567": {1: [90.0, 70.0, 40.0, 10.0, None], 2: [80.0, 70.0, 50.0, 30.0, None]},
+                 "aaaa0001": {1: [95.0, 60.0, 20.0, 0.0, None], 2: [90.0, 60.0, 30.0, 5.0, None]}}
+    for trial_id, stages in per_class.items():
+        folder = exp / "search" / trial_id / "checkpoint_000004"
+        folder.mkdir(parents=True)
+        torch.save(_state(stages), folder / "state.pt")
+    return exp
+
+
+def _write_study(exp: Path, values: list[float]) -> None:
+    import optuna
+
+    distributions = {"stage1.weight_decay": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True),
+                     "posthoc.tau": optuna.distributions.FloatDistribution(0.0, 2.0)}
+    study = optuna.create_study(storage=f"sqlite:///{exp / 'optuna.db'}", study_name="search",
+                                direction="maximize")
+    rng = np.random.default_rng(0)
+    for value in values:
+        study.add_trial(optuna.trial.create_trial(
+            params={"stage1.weight_decay": float(10 ** rng.uniform(-5, -1)),
+                    "posthoc.tau": float(rng.uniform(0, 2))},
+            distributions=distributions, value=value))
+
+
+@pytest.fixture
+def handmade(tmp_path) -> Path:
+    return _write_experiment(tmp_path / "exp")
+
+
+def test_load_experiment_reads_space_ids_and_outcomes(handmade):
+    exp = analysis.load_experiment(handmade)
+    assert exp.space["stage1.weight_decay"] == {"kind": "loguniform", "args": [1e-5, 1e-1]}
+    assert exp.space["model.nbn"]["kind"] == "choice" and exp.stage1_epochs == 3
+    assert exp.best_trial == "1234e567" and exp.results["trial_id"].iloc[0] == "1234e567"  # not 1.234e+570
+    assert exp.results.set_index("trial_id")["outcome"].to_dict() == {
+        "1234e567": "best by validation", "aaaa0001": "completed", "aaaa0002": "stopped early (ASHA)",
+        "aaaa0003": "stopped early (ASHA)", "aaaa0004": "error"}
+
+
+def test_accuracy_frame_is_tidy_and_skips_absent_groups(handmade):
+    frame = analysis.accuracy_frame(analysis.load_experiment(handmade))
+    assert set(frame["group"]) == {"overall", *GROUP_VALUES}  # few-shot is absent, the error trial too
+    assert len(frame) == 4 * 6 and frame["accuracy"].notna().all()
+    best = frame[frame["trial_id"] == "1234e567"].set_index("group")["accuracy"]
+    assert best["overall"] == 38.0 and best["tail"] == 10.0
+    assert {"stage1.weight_decay", "model.nbn", "posthoc.tau", "outcome"} <= set(frame.columns)
+
+
+def test_accuracy_figure_log_axis_panels_and_nbn_colour(handmade):
+    exp = analysis.load_experiment(handmade)
+    figures = analysis.accuracy_figures(exp)
+    assert list(figures) == ["accuracy_vs_stage1_weight_decay", "accuracy_vs_model_nbn",
+                             "accuracy_vs_posthoc_tau"]
+    fig = figures["accuracy_vs_stage1_weight_decay"]
+    assert fig.layout.title.text.startswith("Test accuracy vs stage-1 weight decay")
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.range == pytest.approx((-5.16, -0.84))
+    assert "1e-4" in fig.layout.xaxis.ticktext
+    panels = [a.text for a in fig.layout.annotations]
+    assert "few-shot (<20)" not in panels
+    assert {"all classes", "many-shot (>100 train images)", "tail third"} <= set(panels)
+    assert any("stage-1 weight decay (log axis)" in text for text in panels)  # the shared x title
+    names = {t.name for t in fig.data}
+    assert {"NBN on, best by validation", "NBN off, completed", "NBN on, stopped early (ASHA)"} <= names
+    assert fig.layout.yaxis.title.text == "test accuracy (%)" and fig.layout.font.size >= 12
+    tau = figures["accuracy_vs_posthoc_tau"]
+    assert tau.layout.xaxis.type != "log" and tau.layout.xaxis.range == pytest.approx((-0.08, 2.08))
+    nbn = figures["accuracy_vs_model_nbn"]  # categorical axis, no NBN colour on the NBN figure itself
+    assert {x for t in nbn.data for x in t.x} == {"True", "False"}
+    assert {t.name for t in nbn.data} <= set(analysis.OUTCOME_SYMBOLS)
+
+
+def test_per_class_frame_baseline_stages_and_moved_folder(handmade):
+    exp = analysis.load_experiment(handmade)
+    # aaaa0002 has the smallest WD but stopped before the end of stage 1: not a fair baseline
+    assert analysis.naive_baseline_trial(exp) == "aaaa0001"
+    frame = analysis.per_class_frame(exp)  # checkpoints found although results.csv names OLD_HOME
+    assert list(dict.fromkeys(frame["model"])) == ["naive baseline (smallest stage-1 WD, 1.0e-04): stage 1",
+                                                   "best trial: stage 1", "best trial: after stage 2"]
+    after = frame[frame["model"] == "best trial: after stage 2"]
+    assert after["class_size"].tolist() == COUNTS and after["stage"].eq(2).all()
+    assert after["accuracy"].tolist()[:4] == [80.0, 70.0, 50.0, 30.0]
+    assert math.isnan(after["accuracy"].iloc[4])  # a class without test images: missing, not 0
+    figures = analysis.per_class_figures(exp)
+    accuracy, norms = figures["per_class_accuracy"], figures["classifier_norms"]
+    assert accuracy.layout.xaxis.type == "log"
+    assert accuracy.layout.xaxis.title.text.startswith("training images")
+    assert accuracy.layout.yaxis.title.text == "per-class test accuracy (%)"
+    assert [t.name for t in norms.data] == list(dict.fromkeys(frame["model"]))
+    assert list(norms.data[0].x) == sorted(COUNTS)
+
+
+def test_progress_and_survival_frames(handmade):
+    exp = analysis.load_experiment(handmade)
+    progress = analysis.progress_frame(exp)
+    assert len(progress) == 5 + 5 + 1 + 3 and progress["cumulative_epochs"].tolist() == list(range(1, 15))
+    assert progress["wall_time_s"].is_monotonic_increasing and progress["wall_time_s"].iloc[0] == 10
+    assert progress["best_so_far"].is_monotonic_increasing and progress["best_so_far"].iloc[-1] == 40.0
+    fig = analysis.progress_figure(exp)
+    assert fig.layout.xaxis2.title.text == "wall-clock time since the search started (s)"
+    assert fig.layout.yaxis.title.text == "validation accuracy (%)"
+    survival = analysis.survival_frame(exp)
+    assert survival["trials"].tolist() == [4, 3, 3, 2, 2]
+    assert analysis.survival_figure(exp).data[0].y.tolist() == [4, 3, 3, 2, 2]
+
+
+def test_pareto_front_uses_head_and_tail_when_few_is_absent(handmade):
+    exp = analysis.load_experiment(handmade)
+    frame = analysis.pareto_frame(exp)
+    assert set(frame["head_group"]) == {"head"} and set(frame["tail_group"]) == {"tail"}
+    assert set(frame.loc[frame["on_front"], "trial_id"]) == {"1234e567", "aaaa0003"}
+    fig = analysis.pareto_figure(exp)
+    assert fig.layout.xaxis.title.text == "test head third accuracy (%)"
+    assert "Pareto front" in {t.name for t in fig.data}
+
+
+def test_top_trials_and_parallel_coordinates(handmade):
+    exp = analysis.load_experiment(handmade)
+    table = analysis.top_trials(exp, n=3)
+    assert table["trial_id"].tolist() == ["1234e567", "aaaa0003", "aaaa0001"]
+    assert "final_test_acc_tail" in table  # no few-shot group: the tail third is the tail column
+    fig = analysis.parallel_coordinates_figure(exp)
+    labels = [d.label for d in fig.data[0].dimensions]
+    assert labels == ["stage-1 weight decay (log)", "normalized BN", "tau", "validation accuracy (%)",
+                      "test accuracy (%)"]
+    assert fig.data[0].dimensions[0].range == pytest.approx((-5, -1))
+
+
+def test_importances_need_enough_trials(handmade):
+    exp = analysis.load_experiment(handmade)
+    assert analysis.importance_frame(exp)["note"].str.contains("no optuna.db").all()
+    _write_study(handmade, [30.0])
+    frame = analysis.importance_frame(exp)
+    assert frame["parameter"].isna().all() and frame["note"].iloc[0].startswith("search: 1 trial(s)")
+    assert "Not evaluated" in analysis.importance_figure(exp).layout.annotations[0].text
+
+
+def test_importances_of_a_study(tmp_path):
+    exp = _write_experiment(tmp_path / "exp")
+    _write_study(exp, [30.0, 35.0, 20.0, 40.0, 25.0, 33.0, 28.0, 38.0, 22.0, 31.0, 36.0])
+    frame = analysis.importance_frame(analysis.load_experiment(exp))
+    assert set(frame["parameter"]) == {"stage1.weight_decay", "posthoc.tau"} and frame["note"].isna().all()
+    assert frame["importance"].sum() == pytest.approx(1.0)
+
+
+def test_report_without_chromium_says_how_to_get_pngs(handmade, monkeypatch, capsys):
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("\n\nKaleido requires Google Chrome to be installed.\n")
+
+    monkeypatch.setattr(pio, "write_images", no_browser)
+    assert main(["report", str(handmade)]) == 0
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if line.startswith("PNGs skipped")]
+    assert len(skipped) == 1 and "apt-get install -y chromium" in skipped[0]
+    page = (handmade / "report.html").read_text()
+    assert page.count("* plotly.js v") == 1  # plotly.js embedded once
+    assert "Top trials by the search objective" in page and "1234e567" in page
+    assert "weight_decay: 0.01" in page  # the best config
+    assert not list((handmade / "figures").glob("*.png"))
+
+
+def test_report_of_a_folder_that_is_no_experiment(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.csv" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def real_search(cifar10_root, tmp_path_factory):
+    """A small joint search (stage-1 WD, NBN, MaxNorm, tau) on a long-tailed synthetic CIFAR-10, on a
+    local Ray started here and shut down at the end of the module."""
+    import ray
+
+    from ltsearch.search import run_search
+    from ltsearch.space import load_search_space
+    from tests.test_search import write_space
+
+    tmp = tmp_path_factory.mktemp("analysis_search")
+    path = write_space(tmp / "s.yaml", cifar10_root, stage1_epochs=3, stage2_epochs=1, space={
+        "stage1.weight_decay": {"loguniform": [1e-4, 1e-1]},
+        "model.nbn": {"choice": [False, True]},
+        "stage2.maxnorm_thresh": {"uniform": [0.0, 1.0]},
+        "posthoc.tau": {"uniform": [0.0, 2.0]},
+    }, search={"num_samples": 4, "scheduler": {"grace_period": 1, "reduction_factor": 2},
+               "sampler": {"type": "random", "seed": 1}, "max_concurrent": 2})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["data"]["n_max"] = 50  # class sizes 50 ... 5: a real long tail (60 images per class on disk)
+    path.write_text(yaml.safe_dump(spec))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield run_search(load_search_space(path), storage=tmp / "runs", name="analysis").path
+    finally:
+        ray.shutdown()
+
+
+def _plotly_outputs(notebook) -> list[dict]:
+    mime = "application/vnd.plotly.v1+json"
+    return [output["data"][mime] for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs if mime in output.get("data", {})]
+
+
+@pytest.fixture(scope="module")
+def executed_notebooks(real_search) -> dict[str, dict]:
+    from nbclient import NotebookClient
+
+    executed = {}
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        client = NotebookClient(notebook, kernel_name="python3", timeout=180,
+                                resources={"metadata": {"path": str(path.parent)}})
+        client.execute(env={**os.environ, "LTSEARCH_EXPERIMENT": str(real_search)})
+        executed[path.stem] = notebook
+    return executed
+
+
+def test_notebooks_are_clean_and_complete():
+    assert {p.name for p in NOTEBOOKS} >= {"accuracy_vs_regularization.ipynb", "per_class.ipynb",
+                                          "search_progress.ipynb"}
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        assert "LTSEARCH_EXPERIMENT" in code[0].source
+
+
+@pytest.mark.e2e
+def test_accuracy_notebook_plots_every_searched_parameter(executed_notebooks, real_search):
+    figures = _plotly_outputs(executed_notebooks["accuracy_vs_regularization"])
+    titles = [f["layout"]["title"]["text"] for f in figures]
+    for name in ("stage-1 weight decay", "normalized BN", "MaxNorm threshold", "tau"):
+        assert any(t.startswith(f"Test accuracy vs {name} (") for t in titles), (name, titles)
+    wd = next(f for f in figures if "stage-1 weight decay" in f["layout"]["title"]["text"])
+    assert wd["layout"]["xaxis"]["type"] == "log"
+    names = {trace.get("name") for trace in wd["data"]}
+    assert any(n.endswith("best by validation") for n in names) and {n.split(",")[0] for n in names} <= {
+        "NBN on", "NBN off"}
+    assert any("Pareto" in t for t in titles)
+
+
+@pytest.mark.e2e
+def test_per_class_notebook_compares_best_and_baseline(executed_notebooks, real_search):
+    figures = _plotly_outputs(executed_notebooks["per_class"])
+    accuracy, norms = figures
+    assert accuracy["layout"]["title"]["text"].startswith("Per-class test accuracy against class size")
+    assert norms["layout"]["title"]["text"].startswith("Per-class classifier weight norms")
+    names = [trace["name"] for trace in accuracy["data"]]
+    assert names[-2:] == ["best trial: stage 1", "best trial: after stage 2"]
+    exp = analysis.load_experiment(real_search)
+    baseline = analysis.naive_baseline_trial(exp)
+    assert (baseline not in (None, exp.best_trial)) == any(n.startswith("naive baseline") for n in names)
+    sizes = sorted(accuracy["data"][-1]["x"])  # class sizes from load_data: a long tail
+    assert sizes[0] < sizes[-1] and accuracy["layout"]["xaxis"]["type"] == "log"
+
+
+@pytest.mark.e2e
+def test_search_progress_notebook(executed_notebooks):
+    titles = [f["layout"]["title"]["text"] for f in _plotly_outputs(executed_notebooks["search_progress"])]
+    for start in ("Search progress: best validation accuracy so far", "ASHA rung survival",
+                  "All trials: sampled values and objective", "Parameter importances"):
+        assert any(t.startswith(start) for t in titles), (start, titles)
+
+
+@pytest.mark.e2e
+def test_report_command_on_a_real_search(real_search, capsys):
+    assert main(["report", str(real_search)]) == 0
+    out = capsys.readouterr().out
+    page = (real_search / "report.html").read_text()
+    exp = analysis.load_experiment(real_search)
+    figures = analysis.all_figures(exp)
+    assert len(figures) == 4 + 2 + 5
+    for name, fig in figures.items():
+        assert f'id="{name}-section"' in page
+        assert html.escape(fig.layout.title.text) in page
+    assert page.count("* plotly.js v") == 1 and "Top trials by the search objective" in page
+    assert exp.best_trial in page and "weight_decay:" in page
+    pngs = sorted(p.stem for p in (real_search / "figures").glob("*.png"))
+    assert pngs == sorted(figures) or "PNGs skipped" in out
+
