@@ -1,0 +1,169 @@
+"""Stage-2 trials per minute: on cached features (staged mode) against rerunning the backbone.
+
+A stage-1 checkpoint of CIFAR-10-LT IF 100 (ResNet-20, 1 epoch, `python -m ltsearch train`) is made first,
+then its features are cached (`ltsearch.features.cache_features`, 4 views). Stage 2 as in
+`search_spaces/wd_maxnorm.yaml` (10 epochs, batch 64, CB softmax-BCE, weight decay, MaxNorm per step), with
+weight decay / MaxNorm threshold / beta drawn at random per trial:
+  (i)   `ltsearch.features.fit_classifier` on the cache, in this process (2 threads; also 1 thread)
+  (ii)  `ltsearch.train.train` resuming from the checkpoint: the same stage-2 epochs, but every step runs the
+        frozen backbone and every epoch evaluates val + test through it (2 threads; data already loaded)
+  (iii) a real `search.mode: staged` search through Ray (`run_search.py`; ResNet-8 stage 1 of 1 epoch, top_k 1,
+        30 stage-2 trials, 1 CPU each, 2 concurrent): trials per minute of its stage-2 phase, from the first
+        stage-2 trial's launch to the last one's final result (Ray's trial folders and `history.csv`).
+        Run twice: as shipped, and with Tune's `reuse_actors=True` patched in (a proposed fix).
+(i) and (ii) are interleaved (5 x (i), (ii), 5 x (i), (ii), ...). Stage-2 cost depends on the feature width (64
+for every CIFAR ResNet here) and the training-set size, not on the backbone depth.
+Target: at least 50 stage-2 trials per minute on this 2-core machine.
+
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/stage2_search_cost.py    # ~20 min on the 2-core machine
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE2 = {"epochs": 10, "batch_size": 64, "lr": 0.01, "loss": "cb_softmax_bce", "beta": 0.9999,
+          "weight_decay": 0.1, "maxnorm_thresh": 0.1}
+BASE = {"data": {"dataset": "cifar10", "imbalance_factor": 100}, "model": {"name": "resnet20"},
+        "stage1": {"epochs": 1, "batch_size": 128, "lr": 0.1, "weight_decay": 5.0e-4},
+        "stage2": dict(STAGE2, enabled=False)}
+
+
+def sampled(rng: random.Random) -> dict:
+    return {"stage2.weight_decay": 10 ** rng.uniform(-3, 0), "stage2.maxnorm_thresh": rng.uniform(0, 1),
+            "stage2.beta": rng.choice([0.9, 0.99, 0.999, 0.9999])}
+
+
+def stage2_phase_rate(exp: Path) -> dict:
+    """Stage-2 trials of a staged experiment: count, span (first launch -> last result) and trials/minute."""
+    import pandas as pd
+
+    history = pd.read_csv(exp / "history.csv")
+    history = history[history["phase"] == "stage2"]
+    launched = [time.mktime(time.strptime(f.name[-19:], "%Y-%m-%d_%H-%M-%S"))
+                for f in (exp / "stage2").glob("_trial_*")]
+    n = history["trial_id"].nunique()
+    span = history["timestamp"].max() - min(launched)
+    per_trial = history.groupby("trial_id")["time_total_s"].max()
+    return {"trials": n, "span_s": float(span), "trials_per_min": 60 * n / span,
+            "median_trial_time_total_s": float(per_trial.median())}
+
+
+def child_search(space: str, storage: str, name: str, reuse: bool) -> None:
+    """run_search.py in this process, optionally with Tune's actor reuse switched on."""
+    if reuse:
+        from ray import tune
+
+        tune.TuneConfig = functools.partial(tune.TuneConfig, reuse_actors=True)
+    sys.argv = ["run_search.py", space, "--storage", storage, "--name", name]
+    sys.path.insert(0, str(ROOT))
+    runpy.run_path(str(ROOT / "run_search.py"), run_name="__main__")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=2, help="(ii) runs; each preceded by --fit-per-rep (i) runs")
+    parser.add_argument("--fit-per-rep", type=int, default=5)
+    parser.add_argument("--stage2-trials", type=int, default=30, help="stage-2 trials of the Ray search (iii)")
+    parser.add_argument("--skip-ray", action="store_true", help="only (i) and (ii)")
+    parser.add_argument("--child-search", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_search:
+        space, storage, name, reuse = args.child_search
+        child_search(space, storage, name, reuse == "reuse")
+        return
+
+    os.environ.setdefault("LTSEARCH_DATA", "/tmp/ltdata")
+    import torch
+
+    from ltsearch.config import ExperimentConfig, with_overrides
+    from ltsearch.features import cache_features, fit_classifier
+    from ltsearch.train import load_data, train
+
+    work = Path(tempfile.mkdtemp(prefix="ltbench-s2-"))
+    config_path = work / "stage1.yaml"
+    config_path.write_text(yaml.safe_dump(BASE))
+    print(f"work dir {work}; torch {torch.__version__}", flush=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config_path), "--out", str(work / "stage1")],
+                   cwd=ROOT, check=True, capture_output=True)
+    print(f"stage-1 checkpoint (ResNet-20, 1 epoch): {time.perf_counter() - started:.1f} s", flush=True)
+
+    torch.set_num_threads(2)
+    config = ExperimentConfig.model_validate(BASE)
+    checkpoint = str(work / "stage1" / "checkpoint")
+    started = time.perf_counter()
+    cache = cache_features(config, checkpoint, views=4)
+    print(f"cache_features (4 views + val + test, 2 threads): {time.perf_counter() - started:.1f} s", flush=True)
+    data = load_data(config)
+    rng = random.Random(0)
+    fit_s, fit1_s, resume_s = [], [], []
+    for rep in range(args.reps):
+        for _ in range(args.fit_per_rep):
+            trial = with_overrides(config, {"stage2.enabled": True, **sampled(rng)})
+            started = time.perf_counter()
+            fit_classifier(cache, trial)
+            fit_s.append(time.perf_counter() - started)
+        print(f"  rep {rep} (i) fit_classifier: {', '.join(f'{t:.2f}' for t in fit_s[-args.fit_per_rep:])} s",
+              flush=True)
+        trial = with_overrides(config, {"stage2.enabled": True, **sampled(rng)})
+        started = time.perf_counter()
+        train(trial, resume_from=checkpoint, data=data)
+        resume_s.append(time.perf_counter() - started)
+        print(f"  rep {rep} (ii) train() resuming into stage 2: {resume_s[-1]:.1f} s", flush=True)
+    torch.set_num_threads(1)
+    for _ in range(args.fit_per_rep):
+        started = time.perf_counter()
+        fit_classifier(cache, with_overrides(config, {"stage2.enabled": True, **sampled(rng)}))
+        fit1_s.append(time.perf_counter() - started)
+    print(f"  (i) fit_classifier, 1 thread: {', '.join(f'{t:.2f}' for t in fit1_s)} s", flush=True)
+
+    fit, fit1, resume = statistics.median(fit_s), statistics.median(fit1_s), statistics.median(resume_s)
+    print("\n| path | s per trial (median) | trials / min |")
+    print("| --- | --- | --- |")
+    print(f"| (i) fit_classifier on cached features, 2 threads | {fit:.2f} | {60 / fit:.1f} |")
+    print(f"| (i) fit_classifier, 1 thread (x2 concurrent = {2 * 60 / fit1:.1f} / min) | {fit1:.2f} | {60 / fit1:.1f} |")
+    print(f"| (ii) train() resumed into stage 2 (backbone rerun), 2 threads | {resume:.1f} | {60 / resume:.2f} |")
+    print(f"(i) / (ii) speed-up: {resume / fit:.0f}x (2 threads each)", flush=True)
+    if args.skip_ray:
+        return
+
+    space = {"base": {**BASE, "model": {"name": "resnet8"}, "stage2": dict(STAGE2, enabled=True)},
+             "space": {"stage1.weight_decay": {"choice": [5.0e-4]},
+                       "stage2.weight_decay": {"loguniform": [1.0e-3, 1.0]},
+                       "stage2.maxnorm_thresh": {"uniform": [0.0, 1.0]},
+                       "stage2.beta": {"choice": [0.9, 0.99, 0.999, 0.9999]}},
+             "search": {"mode": "staged", "num_samples": 1, "metric": "val_acc",
+                        "staged": {"top_k": 1, "num_samples": args.stage2_trials, "views": 4},
+                        "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 10},
+                        "resources": {"num_workers": 1, "cpus_per_worker": 1}}}
+    space_path = work / "staged.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="ltb-ray-"))  # a private local Ray
+    env.pop("RAY_ADDRESS", None)
+    rates = {}
+    for variant in ("shipped", "reuse"):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--child-search", str(space_path), str(work), variant, variant],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+        rates[variant] = stage2_phase_rate(work / variant)
+        print(f"(iii) staged search via Ray, {variant}: {time.perf_counter() - started:.0f} s in all; stage 2: "
+              f"{rates[variant]}", flush=True)
+    print(f"\n(iii) stage-2 trials per minute through Ray: shipped {rates['shipped']['trials_per_min']:.1f}, "
+          f"with reuse_actors=True {rates['reuse']['trials_per_min']:.1f} (target >= 50)")
+
+
+if __name__ == "__main__":
+    main()
