@@ -4,6 +4,7 @@ whose in-process Ray must not run at the same time (a second Ray instance on the
 Train's placement-group cleaner, which connects to "the" local instance)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -51,7 +52,11 @@ def _ray_start(args: list[str], env: dict) -> None:
     assert proc.returncode == 0, f"ray start {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
 
 
-def test_search_on_a_two_node_cluster_through_address(cifar10_root, tmp_path):
+@contextlib.contextmanager
+def two_node_cluster(tmp_path: Path):
+    """A head and a second node of 1 CPU each on loopback, with their own ports, temp dir and auth token.
+    Yields (GCS address, env for processes that use the cluster, the second node's node-manager port);
+    stops only this cluster's processes afterwards."""
     temp_dir = f"/tmp/ltsr{os.getpid()}"  # short: Ray's unix sockets live under it
     gcs, dashboard, client, head_mgr, head_obj, node_mgr, node_obj = _free_ports(7)
     token = tmp_path / "auth_token"  # token authentication stays on, with a token of the test's own
@@ -65,19 +70,24 @@ def test_search_on_a_two_node_cluster_through_address(cifar10_root, tmp_path):
                     "--node-manager-port", str(head_mgr), "--object-manager-port", str(head_obj), *common], env)
         _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-manager-port", str(node_mgr),
                     "--object-manager-port", str(node_obj), *common], env)
+        yield f"127.0.0.1:{gcs}", env, node_mgr
+    finally:
+        _stop_cluster(temp_dir)
+
+
+def test_search_on_a_two_node_cluster_through_address(cifar10_root, tmp_path):
+    with two_node_cluster(tmp_path) as (address, env, _):
         path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=2, space={
             "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
             search={"num_samples": 2, "resources": {"num_workers": 2, "cpus_per_worker": 1}})
-        proc = subprocess.run([sys.executable, str(REPO / "run_search.py"), str(path), "--address",
-                               f"127.0.0.1:{gcs}", "--storage", str(tmp_path / "runs"), "--name", "cluster"],
+        proc = subprocess.run([sys.executable, str(REPO / "run_search.py"), str(path), "--address", address,
+                               "--storage", str(tmp_path / "runs"), "--name", "cluster"],
                               env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        table = pd.read_csv(tmp_path / "runs" / "cluster" / "results.csv")
-        assert len(table) == 2 and (table["stop_reason"] == "completed").all()
-        history = pd.read_csv(tmp_path / "runs" / "cluster" / "history.csv")
-        assert (history["world_size"] == 2).all()  # two ranks: one per node (1 CPU each)
-    finally:
-        _stop_cluster(temp_dir)
+    table = pd.read_csv(tmp_path / "runs" / "cluster" / "results.csv")
+    assert len(table) == 2 and (table["stop_reason"] == "completed").all()
+    history = pd.read_csv(tmp_path / "runs" / "cluster" / "history.csv")
+    assert (history["world_size"] == 2).all()  # two ranks: one per node (1 CPU each)
 
 
 def _finished_trials(search_dir: Path, epochs: int) -> dict[str, int]:

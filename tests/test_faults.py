@@ -16,7 +16,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from .test_cluster import _free_ports, _ray_start, _stop_cluster
+from .test_cluster import two_node_cluster
 from .test_search import write_space
 
 pytestmark = pytest.mark.e2e
@@ -149,35 +149,21 @@ def test_gpu_request_on_a_cluster_without_gpus(cifar10_root, tmp_path):
 
 
 def test_lost_node_trials_retried_on_the_remaining_node(cifar10_root, tmp_path):
-    temp_dir = f"/tmp/ltsf{os.getpid()}"
-    gcs, dashboard, client, head_mgr, head_obj, node_mgr, node_obj = _free_ports(7)
-    token = tmp_path / "auth_token"
-    token.write_text(os.urandom(32).hex())
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token)}
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    try:
-        _ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dashboard), "--ray-client-server-port", str(client), "--temp-dir", temp_dir,
-                    "--node-manager-port", str(head_mgr), "--object-manager-port", str(head_obj), *common], env)
-        _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-manager-port", str(node_mgr),
-                    "--object-manager-port", str(node_obj), *common], env)
+    with two_node_cluster(tmp_path) as (address, env, node_manager_port):
         space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=6, space={
             "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
             search={"num_samples": 2, "scheduler": {"enabled": False}, "max_failures": 3})
-        proc = subprocess.Popen(_cmd(space, tmp_path / "runs", "node", "--address", f"127.0.0.1:{gcs}"),
+        proc = subprocess.Popen(_cmd(space, tmp_path / "runs", "node", "--address", address),
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         search = tmp_path / "runs" / "node" / "search"
         _wait(lambda: sum(len(_epochs(d)) >= 2 for d in search.glob("_trial_*")) == 2, proc)
         raylet = next(p for p in psutil.process_iter(["cmdline"])
                       if "raylet" in " ".join(p.info["cmdline"] or [])
-                      and f"--node_manager_port={node_mgr}" in p.info["cmdline"])
+                      and f"--node_manager_port={node_manager_port}" in p.info["cmdline"])
         for p in [*raylet.children(recursive=True), raylet]:  # the node and every worker on it
             p.kill()
         out, _ = proc.communicate(timeout=500)
         assert proc.returncode == 0, out[-3000:]
-        table = pd.read_csv(tmp_path / "runs" / "node" / "results.csv")
-        assert len(table) == 2 and (table["stop_reason"] == "completed").all()
-        assert all(_epochs(d)[-1] == 6 for d in search.glob("_trial_*"))
-    finally:
-        _stop_cluster(temp_dir)
+    table = pd.read_csv(tmp_path / "runs" / "node" / "results.csv")
+    assert len(table) == 2 and (table["stop_reason"] == "completed").all()
+    assert all(_epochs(d)[-1] == 6 for d in search.glob("_trial_*"))
