@@ -53,7 +53,7 @@ def stage2_phase_rate(exp: Path) -> dict:
     history = pd.read_csv(exp / "history.csv")
     history = history[history["phase"] == "stage2"]
     launched = [time.mktime(time.strptime(f.name[-19:], "%Y-%m-%d_%H-%M-%S"))
-                for f in (exp / "stage2").glob("_trial_*")]
+                for f in (exp / "stage2").glob("*_trial_*")]
     n = history["trial_id"].nunique()
     span = history["timestamp"].max() - min(launched)
     per_trial = history.groupby("trial_id")["time_total_s"].max()
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--fit-per-rep", type=int, default=5)
     parser.add_argument("--stage2-trials", type=int, default=30, help="stage-2 trials of the Ray search (iii)")
     parser.add_argument("--skip-ray", action="store_true", help="only (i) and (ii)")
+    parser.add_argument("--skip-local", action="store_true", help="only (iii)")
     parser.add_argument("--child-search", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_search:
@@ -88,14 +89,24 @@ def main() -> None:
     os.environ.setdefault("LTSEARCH_DATA", "/tmp/ltdata")
     import torch
 
+    work = Path(tempfile.mkdtemp(prefix="ltbench-s2-"))
+    print(f"work dir {work}; torch {torch.__version__}", flush=True)
+    if not args.skip_local:
+        local_paths(args, work)
+    if not args.skip_ray:
+        ray_search(args, work)
+
+
+def local_paths(args, work: Path) -> None:
+    """(i) and (ii), interleaved, in this process."""
+    import torch
+
     from ltsearch.config import ExperimentConfig, with_overrides
     from ltsearch.features import cache_features, fit_classifier
     from ltsearch.train import load_data, train
 
-    work = Path(tempfile.mkdtemp(prefix="ltbench-s2-"))
     config_path = work / "stage1.yaml"
     config_path.write_text(yaml.safe_dump(BASE))
-    print(f"work dir {work}; torch {torch.__version__}", flush=True)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config_path), "--out", str(work / "stage1")],
                    cwd=ROOT, check=True, capture_output=True)
@@ -137,9 +148,10 @@ def main() -> None:
     print(f"| (i) fit_classifier, 1 thread (x2 concurrent = {2 * 60 / fit1:.1f} / min) | {fit1:.2f} | {60 / fit1:.1f} |")
     print(f"| (ii) train() resumed into stage 2 (backbone rerun), 2 threads | {resume:.1f} | {60 / resume:.2f} |")
     print(f"(i) / (ii) speed-up: {resume / fit:.0f}x (2 threads each)", flush=True)
-    if args.skip_ray:
-        return
 
+
+def ray_search(args, work: Path) -> None:
+    """(iii): the same staged search as shipped and with actor reuse, one after the other."""
     space = {"base": {**BASE, "model": {"name": "resnet8"}, "stage2": dict(STAGE2, enabled=True)},
              "space": {"stage1.weight_decay": {"choice": [5.0e-4]},
                        "stage2.weight_decay": {"loguniform": [1.0e-3, 1.0]},
