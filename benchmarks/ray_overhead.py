@@ -10,11 +10,13 @@ times (`epoch_time_s`: train + val/test evaluation) split it into driver-side an
 
 Then, with the cluster up: a search of 4 trials (1 CPU each, 2 concurrent, ASHA off); per-trial overhead =
 (2 * (last trial end - first trial launch) - sum of the trials' epoch times) / 4, i.e. slot time not spent
-in epochs. Finally the pieces: interpreter + imports (`python -X importtime`), `ltsearch.train.load_data`,
-one checkpoint save, one val+test evaluation, and the CPU seconds each process of a search uses.
+in epochs. Then where the time goes: the CPU seconds each process of a search uses (`cpu`); the same
+3-epoch trial plain / through run_search.py / through run_search.py with the local Ray started without its
+dashboard (`variants`, interleaved); and the pieces: interpreter + imports (`python -X importtime`, and
+with vs without torchvision), `ltsearch.train.load_data`, one checkpoint save, one val+test evaluation.
 Targets: overhead < 10 s per trial, and < 10 % of a trial of 2 minutes or more.
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # ~15 min on the 2-core machine
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # ~20 min on the 2-core machine
 """
 from __future__ import annotations
 
@@ -265,11 +267,8 @@ def cpu_breakdown(args, env: dict, work: Path) -> dict:
 
 
 def child_search(space: str, storage: str, name: str, variant: str) -> None:
-    """run_search.py in this process; `variant` "nodash" starts the local Ray without its dashboard,
-    "nodash-ckpt10" also saves Tune's experiment state every 10 s instead of every 2 s."""
-    if variant.endswith("ckpt10"):
-        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "10"  # read when ltsearch.search is imported
-    if variant.startswith("nodash"):
+    """run_search.py in this process; `variant` "nodash" starts the local Ray without its dashboard."""
+    if variant == "nodash":
         import ray
 
         init = ray.init
@@ -284,12 +283,12 @@ def child_search(space: str, storage: str, name: str, variant: str) -> None:
 
 
 def variants(args, env: dict, work: Path) -> list[dict]:
-    """Single trial of max(--epochs) epochs: plain vs search as shipped vs two leaner drivers, interleaved."""
+    """Single trial of max(--epochs) epochs: plain vs search as shipped vs without the dashboard, interleaved."""
     epochs, py, rows = max(args.epochs), sys.executable, []
     space = write_space(work / "space-var.yaml", epochs, 1, 2, {"stage1.weight_decay": {"choice": [5.0e-4]}})
     config = work / "config-var.yaml"
     config.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
-    names = ["plain", "shipped", "nodash", "nodash-ckpt10"]
+    names = ["plain", "shipped", "nodash"]
     for rep in range(args.reps):
         for variant in names if rep % 2 == 0 else names[::-1]:
             name = f"var-{variant}-{rep}"

@@ -1,7 +1,7 @@
 """Seconds per epoch (train and evaluation separately) by dataset size and model, from short runs.
 
 Datasets: CIFAR-10-LT IF 100 (real, 12,386 train images), CIFAR-10-LT IF 10 (real, ~20.4k), and a CIFAR-100-LT
-IF 100-sized set of synthetic uint8 tensors (10,847 train, 2,000 val, 10,000 test, 100 classes). Models:
+IF 100-sized set of synthetic uint8 tensors (10,827 train, 2,000 val, 10,000 test, 100 classes). Models:
 ResNet-8/20/32. Each measurement times `--steps` training steps (the trainer's step: channels_last, SGD,
 per-step cosine LR, after `--warmup` steps) and the evaluation of `--eval-images` test images (the trainer's
 evaluate: features + per-class counts for the model and its tau-normalised classifier, batch 512), then

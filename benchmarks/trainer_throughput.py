@@ -1,6 +1,6 @@
 """Training throughput (images/s) of ltsearch's stage-1 step path against two alternatives.
 
-Compared, for ResNet-32 with 100 classes on 3x32x32 images (CIFAR-100-LT IF 100 shapes: 10,847 synthetic
+Compared, for ResNet-32 with 100 classes on 3x32x32 images (CIFAR-100-LT IF 100 shapes: 10,827 synthetic
 uint8 images with the long-tailed class counts), batch 64 and 128, the same model, SGD and loss step as
 `ltsearch/train.py` (per-step cosine LR, weight decay on all parameters, `loss.detach()` accumulated):
 
