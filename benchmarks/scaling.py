@@ -9,7 +9,7 @@ extrapolates to a full epoch: train = steps per epoch x s/step, eval = (val + te
 Repetitions are interleaved across all (dataset, model) pairs; medians reported. The per-epoch numbers feed
 the GPU-cluster estimate for `search_spaces/wd_maxnorm.yaml` in docs/benchmarks.md.
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/scaling.py           # ~5 min on the 2-core machine
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/scaling.py           # ~6 min on the 2-core machine
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ weight decay / MaxNorm threshold / beta drawn at random per trial:
 for every CIFAR ResNet here) and the training-set size, not on the backbone depth.
 Target: at least 50 stage-2 trials per minute on this 2-core machine.
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/stage2_search_cost.py    # ~20 min on the 2-core machine
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/stage2_search_cost.py    # ~17 min on the 2-core machine
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Every measurement runs in a fresh subprocess (so peak RSS is per configuration):
 Targets: ltsearch >= 0.95x compute_cl (within 5% of the compute limit);
          ltsearch >= 1.3x torchvision_w0 and torchvision_w2 (and original_w0).
 
-    .venv/bin/python benchmarks/trainer_throughput.py                 # 30-60 min on the 2-core machine
+    .venv/bin/python benchmarks/trainer_throughput.py                 # ~25 min on the 2-core machine
     .venv/bin/python benchmarks/trainer_throughput.py --steps 30 --reps 1 --batch-sizes 64   # smoke test
 """
 from __future__ import annotations
