@@ -4,8 +4,9 @@
 
 Experiment directory layout (`storage/name/`):
     space.yaml          the resolved search-space file this experiment runs
-    optuna.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///optuna.db`)
-    search/ | stage1/ stage2/   Ray Tune's own experiment folders (trial results, checkpoints)
+    optuna.db           the Optuna studies (SQLite; `optuna-dashboard sqlite:///optuna.db`)
+    search/ | stage1/   Ray Tune's own experiment folder (trial results, checkpoints); a staged search's
+                        second phase runs as Ray tasks and keeps its results in optuna.db (study stage2)
     train/              Ray Train runs of multi-worker trials
     results.csv         one row per trial; history.csv one row per trial and epoch
     best_config.yaml    the resolved experiment config of the best trial (selected on validation)
@@ -213,17 +214,15 @@ def _sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
 
 
 def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
-               base: ExperimentConfig, num_samples: int, cluster: dict, resume: bool,
-               trainable=None) -> tune.ResultGrid:
-    """One Tune experiment `exp/phase` searching `space` on top of `base` (default trainable: `_trial`)."""
+               base: ExperimentConfig, num_samples: int, cluster: dict, resume: bool) -> tune.ResultGrid:
+    """One Tune experiment `exp/phase` of `_trial`s searching `space` on top of `base`."""
     settings = spec.search
     worker, concurrent = _trial_resources(settings, cluster)
-    if trainable is None:
-        trainable = tune.with_parameters(_trial, base=base.model_dump(), settings=settings.model_dump(),
-                                         worker=worker, train_storage=str(exp / "train"))
-        # Several workers: Train's worker group holds the resources and the trial driver a token.
-        request = worker if settings.resources.num_workers == 1 else {"CPU": 0, "memory": 2**20}
-        trainable = tune.with_resources(trainable, {k.lower(): v for k, v in request.items() if v or k == "CPU"})
+    trainable = tune.with_parameters(_trial, base=base.model_dump(), settings=settings.model_dump(),
+                                     worker=worker, train_storage=str(exp / "train"))
+    # Several workers: Train's worker group holds the resources and the trial driver a token.
+    request = worker if settings.resources.num_workers == 1 else {"CPU": 0, "memory": 2**20}
+    trainable = tune.with_resources(trainable, {k.lower(): v for k, v in request.items() if v or k == "CPU"})
     phase_path = exp / phase
     if resume and tune.Tuner.can_restore(str(phase_path)):
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
@@ -239,7 +238,7 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Di
     scheduler = (ASHAScheduler(time_attr="epoch", metric=settings.metrics[0], mode=settings.directions[0],
                                max_t=total_epochs, grace_period=settings.scheduler.grace_period,
                                reduction_factor=settings.scheduler.reduction_factor)
-                 if settings.scheduler.enabled and phase != "stage2" else FIFOScheduler())
+                 if settings.scheduler.enabled else FIFOScheduler())
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
@@ -263,55 +262,138 @@ def _reporter(settings: SearchSettings, keys: list[str]) -> tune.CLIReporter:
 def results_table(grid: tune.ResultGrid, spec: SearchSpaceFile, keys: list[str],
                   max_epoch: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per trial, one row per trial and epoch) from a finished Tune experiment."""
-    settings, rows, history = spec.search, [], []
-    first = settings.metrics[0]
+    rows, history = [], []
     for result in grid:
         trial_id = Path(result.path).name if result.path else None
+        trial_id = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
         frame = result.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": result.metrics.get("trial_id", trial_id) if result.metrics else trial_id}
-        for key in keys:
-            row[key] = result.config.get(key)
-        epochs = 0
         if frame is not None and len(frame):
             frame = frame.sort_values("epoch").drop_duplicates("epoch", keep="last")
             history.append(frame)
-            last = frame.iloc[-1]
-            epochs = int(last["epoch"])
-            reported = [c for c in frame.columns if c.startswith(ACCURACY_PREFIXES) or c in settings.metrics]
-            row.update({f"final_{c}": last[c] for c in reported})
-            if "val_acc" in frame and frame["val_acc"].notna().any():
-                best = frame.loc[frame["val_acc"].idxmax()]
-                row["best_epoch"] = int(best["epoch"])
-                row.update({f"best_{c}": best[c] for c in reported})
-            row["checkpoint"] = (result.checkpoint.path if result.checkpoint else last.get("checkpoint_path"))
-        row["epochs"] = epochs
-        row["objective"] = row.get(f"final_{first}")
-        diverged = frame["diverged"].dropna() if frame is not None and "diverged" in frame else []
-        if result.error is not None:
-            row["status"], row["stop_reason"] = "ERROR", str(result.error).strip().splitlines()[-1][:300]
-        elif len(diverged):
-            row["status"], row["stop_reason"] = "TERMINATED", f"diverged: {diverged.iloc[-1]}"
-        elif epochs >= max_epoch:
-            row["status"], row["stop_reason"] = "TERMINATED", "completed"
-        else:
-            row["status"], row["stop_reason"] = "TERMINATED", f"stopped early by ASHA at epoch {epochs}"
+        error = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else None
+        row = _trial_row(trial_id, {key: result.config.get(key) for key in keys}, frame, error, spec.search,
+                         max_epoch)
+        if frame is not None and len(frame):
+            row["checkpoint"] = (result.checkpoint.path if result.checkpoint
+                                 else frame.iloc[-1].get("checkpoint_path"))
         rows.append(row)
-    table = pd.DataFrame(rows)
-    return table, (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+    return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+
+
+def _trial_row(trial_id: str, values: dict, frame: pd.DataFrame | None, error: str | None,
+               settings: SearchSettings, max_epoch: int) -> dict[str, Any]:
+    """One results.csv row: sampled values, final and best-by-validation metrics, status and why it stopped.
+    `frame` holds the trial's results, one row per epoch in order."""
+    row: dict[str, Any] = {"trial_id": trial_id, **values}
+    epochs = 0
+    if frame is not None and len(frame):
+        last = frame.iloc[-1]
+        epochs = int(last["epoch"])
+        reported = [c for c in frame.columns if c.startswith(ACCURACY_PREFIXES) or c in settings.metrics]
+        row.update({f"final_{c}": last[c] for c in reported})
+        if "val_acc" in frame and frame["val_acc"].notna().any():
+            best = frame.loc[frame["val_acc"].idxmax()]
+            row["best_epoch"] = int(best["epoch"])
+            row.update({f"best_{c}": best[c] for c in reported})
+    row["epochs"] = epochs
+    row["objective"] = row.get(f"final_{settings.metrics[0]}")
+    diverged = frame["diverged"].dropna() if frame is not None and "diverged" in frame else []
+    if error is not None:
+        row["status"], row["stop_reason"] = "ERROR", error
+    elif len(diverged):
+        row["status"], row["stop_reason"] = "TERMINATED", f"diverged: {diverged.iloc[-1]}"
+    elif epochs >= max_epoch:
+        row["status"], row["stop_reason"] = "TERMINATED", "completed"
+    else:
+        row["status"], row["stop_reason"] = "TERMINATED", f"stopped early by ASHA at epoch {epochs}"
+    return row
 
 
 # ---------------------------------------------------------------------------- staged mode
 
 
-def _stage2_trial(sampled: dict, stage1_configs: dict, caches: dict, train_classifier: bool) -> None:
-    """Tune function trainable of a staged search's second phase: stage 2 on cached features."""
+def _fit_stage2(cache: dict, config: dict) -> tuple[list[dict], dict]:
+    """Ray task: one stage-2 trial (or tau evaluation) on cached features. Returns its scalar results, one
+    per epoch, and the per-class accuracies of its last epoch."""
     from .features import fit_classifier
 
-    sampled = dict(sampled)
-    parent = sampled.pop(STAGE1_TRIAL)
-    config = with_overrides(ExperimentConfig.model_validate(stage1_configs[parent]),
-                            {"stage2.enabled": train_classifier, **sampled})
-    fit_classifier(ray.get(caches[parent]), config, report=lambda metrics: tune.report(_scalars(metrics)))
+    started, history = time.time(), []
+
+    def report(metrics: dict) -> None:
+        now = time.time()
+        history.append({**_scalars(metrics), "timestamp": now, "time_total_s": now - started})
+
+    last = fit_classifier(cache, ExperimentConfig.model_validate(config), report=report)
+    return history, {k: v for k, v in last.items() if k.endswith("per_class_acc")}
+
+
+def _search_stage2(exp: Path, spec: SearchSpaceFile, space: dict[str, Distribution], configs: dict,
+                   caches: dict, cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Staged mode's second phase: an Optuna ask/tell loop on the driver, each trial a Ray task.
+
+    A stage-2 trial is about a second of work on cached features. As a Tune trial it would also cost a
+    trial actor's start-up and Tune's bookkeeping, ~10 s (docs/benchmarks.md, benchmark 3); Ray tasks run
+    in pooled worker processes, so the phase runs as tasks, as many at once as the cluster has worker
+    slots. Each finished trial's results (`history`, and `per_class` accuracies of its last epoch) are
+    stored as user attributes of its Optuna trial (study `stage2` in optuna.db): a resumed search keeps
+    them; trials an interruption left running are failed and redrawn.
+    """
+    settings = spec.search
+    storage = optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
+    study = optuna.create_study(
+        study_name="stage2", storage=storage, sampler=_sampler(settings), load_if_exists=resume,
+        directions=["maximize" if d == "max" else "minimize" for d in settings.directions])
+    finished = [t for t in study.get_trials(deepcopy=False) if "history" in t.user_attrs or "error" in t.user_attrs]
+    for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    worker, concurrent = _trial_resources(settings, cluster)
+    fit = ray.remote(_fit_stage2).options(num_cpus=worker["CPU"])
+    flat_base, num_samples = flat_config(spec.base), settings.staged.num_samples
+    pending: dict[ray.ObjectRef, optuna.Trial] = {}
+    launched, last_print = len(finished), 0.0
+    while launched < num_samples or pending:
+        while launched < num_samples and len(pending) < concurrent:
+            trial = study.ask()
+            suggest(trial, space, flat_base)
+            sampled = dict(trial.params)
+            parent = sampled.pop(STAGE1_TRIAL)
+            config = with_overrides(ExperimentConfig.model_validate(configs[parent]),
+                                    {"stage2.enabled": spec.base.stage2.enabled, **sampled})
+            pending[fit.remote(caches[parent], config.model_dump())] = trial
+            launched += 1
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        trial = pending.pop(ref)
+        try:
+            history, per_class = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            trial.set_user_attr("error", str(err).strip().splitlines()[-1][:300])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            trial.set_user_attr("history", history)
+            trial.set_user_attr("per_class", per_class)
+            study.tell(trial, [history[-1].get(m, math.nan) for m in settings.metrics])
+        finished.append(trial)
+        if time.time() - last_print > 5 or launched == num_samples and not pending:
+            last_print = time.time()
+            print(f"stage 2: {len(finished)}/{num_samples} trials finished, {len(pending)} running", flush=True)
+    return _stage2_tables(study, spec, list(space))
+
+
+def _stage2_tables(study: optuna.Study, spec: SearchSpaceFile, keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """results.csv and history.csv rows of the stage-2 phase, from its Optuna study."""
+    max_epoch = spec.base.stage2.epochs if spec.base.stage2.enabled else 1
+    rows, history = [], []
+    for trial in study.get_trials(deepcopy=False):
+        if "history" not in trial.user_attrs and "error" not in trial.user_attrs:
+            continue  # interrupted, redrawn
+        trial_id = f"stage2_{trial.number:05d}"
+        frame = pd.DataFrame(trial.user_attrs.get("history", []))
+        if len(frame):
+            frame.insert(0, "trial_id", trial_id)
+            history.append(frame)
+        rows.append(_trial_row(trial_id, {k: trial.params.get(k) for k in keys}, frame,
+                               trial.user_attrs.get("error"), spec.search, max_epoch))
+    return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
 def _run_staged(exp: Path, spec: SearchSpaceFile, cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -336,13 +418,7 @@ def _run_staged(exp: Path, spec: SearchSpaceFile, cluster: dict, resume: bool) -
         caches[row["trial_id"]] = remote_cache.remote(config, row["checkpoint"], staged.views)
     print(f"Stage 2 on cached features of stage-1 trials {list(caches)} ({staged.views} views each)", flush=True)
     space2 = {STAGE1_TRIAL: Distribution(choice=list(caches)), **{k: spec.space[k] for k in stage2_keys}}
-    worker, _ = _trial_resources(settings, cluster)
-    trainable = tune.with_resources(tune.with_parameters(_stage2_trial, stage1_configs=configs, caches=caches,
-                                                         train_classifier=spec.base.stage2.enabled),
-                                    {"cpu": worker["CPU"]})
-    grid2 = _run_phase(exp, "stage2", spec, space2, spec.base, staged.num_samples, cluster, resume, trainable)
-    table2, history2 = results_table(grid2, spec, list(space2),
-                                     spec.base.stage2.epochs if spec.base.stage2.enabled else 1)
+    table2, history2 = _search_stage2(exp, spec, space2, configs, caches, cluster, resume)
     parents = table1.set_index("trial_id")
     for key in stage1_keys:
         table2[key] = [parents.at[p, key] for p in table2[STAGE1_TRIAL]]

@@ -105,3 +105,68 @@ def test_staged_multi_objective_search(local_ray, cifar10_root, tmp_path):
     assert best["stage1"]["weight_decay"] == pytest.approx(winner["stage1.weight_decay"])
     pareto = pd.read_csv(result.path / "pareto.csv")
     assert set(pareto["study"]) == {"stage1", "stage2"} and {"val_acc", "val_acc_tail"} <= set(pareto.columns)
+
+
+def _feature_cache(num_classes=3, dim=64, n=60, seed=0) -> dict:
+    """A cache as `cache_features` returns it, of random separable features (what stage 2 sees)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(num_classes, dim, generator=g)
+
+    def split(count):
+        y = torch.arange(num_classes).repeat_interleave(count)
+        return centres[y] + torch.randn(len(y), dim, generator=g), y
+
+    return {"train_views": [split(n // num_classes)], "val": split(5), "test": split(10), "head": {},
+            "class_counts": [n // num_classes] * num_classes, "num_classes": num_classes, "feature_dim": dim}
+
+
+def _stage2_spec(tmp_path, cifar10_root, num_samples):
+    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, stage2_epochs=2, space={
+        "stage2.weight_decay": {"loguniform": [1e-3, 1.0]}},
+        search={"mode": "staged", "staged": {"num_samples": num_samples}})
+    return load_search_space(path)
+
+
+def test_stage2_phase_resumes_keeping_finished_trials_and_redrawing_interrupted_ones(local_ray, cifar10_root,
+                                                                                     tmp_path):
+    import optuna
+
+    from ltsearch.search import STAGE1_TRIAL, _search_stage2
+    from ltsearch.space import Distribution
+
+    spec = _stage2_spec(tmp_path, cifar10_root, num_samples=3)
+    caches, configs = {"p": local_ray.put(_feature_cache(num_classes=10))}, {"p": spec.base.model_dump()}
+    space = {STAGE1_TRIAL: Distribution(choice=["p"]), "stage2.weight_decay": spec.space["stage2.weight_decay"]}
+    cluster = {"CPU": 2.0}
+
+    table, history = _search_stage2(tmp_path, spec, space, configs, caches, cluster, resume=False)
+    assert len(table) == 3 and (table["status"] == "TERMINATED").all() and (table["epochs"] == 2).all()
+    assert sorted(history["trial_id"].unique()) == sorted(table["trial_id"])
+    study = optuna.load_study(study_name="stage2", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.ask()  # a trial an interrupted driver had started: it must be failed and redrawn, not kept
+
+    more = _stage2_spec(tmp_path, cifar10_root, num_samples=5)
+    table2, _ = _search_stage2(tmp_path, more, space, configs, caches, cluster, resume=True)
+    assert len(table2) == 5 and set(table["trial_id"]) < set(table2["trial_id"])
+    kept = table2.set_index("trial_id").loc[table["trial_id"], "final_val_acc"].to_numpy()
+    assert kept.tolist() == table["final_val_acc"].tolist()
+    states = [t.state for t in optuna.load_study(study_name="stage2",
+                                                  storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and "stage2_00003" not in set(table2["trial_id"])
+    per_class = study.trials[0].user_attrs["per_class"]
+    assert len(per_class["test_per_class_acc"]) == 10
+
+
+def test_stage2_trial_that_raises_is_an_error_row_and_the_phase_finishes(local_ray, cifar10_root, tmp_path):
+    from ltsearch.search import STAGE1_TRIAL, _search_stage2
+    from ltsearch.space import Distribution
+
+    spec = _stage2_spec(tmp_path, cifar10_root, num_samples=2)
+    caches = {"p": local_ray.put(_feature_cache(num_classes=10, dim=7))}  # ResNet-8's classifier takes 64
+    space = {STAGE1_TRIAL: Distribution(choice=["p"]), "stage2.weight_decay": spec.space["stage2.weight_decay"]}
+    table, history = _search_stage2(tmp_path, spec, space, {"p": spec.base.model_dump()}, caches, {"CPU": 2.0},
+                                    resume=False)
+    assert len(table) == 2 and (table["status"] == "ERROR").all() and history.empty
+    assert table["stop_reason"].str.contains("shapes|size", regex=True).all()
