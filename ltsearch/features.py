@@ -45,7 +45,7 @@ def cache_features(config: ExperimentConfig, checkpoint_dir: str, views: int) ->
     classifier state, for the stage-1 config `config` and its checkpoint."""
     data = load_data(config)
     model = _load_stage1_model(config, checkpoint_dir, data.num_classes)
-    norm = dict(mean=MEAN[config.data.dataset], std=STD[config.data.dataset])
+    norm = {"mean": MEAN[config.data.dataset], "std": STD[config.data.dataset]}
     batch = config.trainer.eval_batch_size
     train = TensorLoader(data.train_x, data.train_y, batch, train=True, seed=config.trainer.seed, **norm)
     train_views = []

@@ -219,7 +219,7 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None,
     raw = load_yaml(path)
     unknown = set(raw) - set(SearchSpaceFile.model_fields)
     if unknown:
-        raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown top-level key; expected base, space, search")
+        raise ConfigError(f"{source}: {min(unknown)}: unknown top-level key; expected base, space, search")
     for section in ("base", "space"):
         if section not in raw:
             raise ConfigError(f"{source}: {section}: missing section")

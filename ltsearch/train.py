@@ -137,8 +137,8 @@ class _Run:
         self.model: LTClassifier = build_model(
             config.model.name, data.num_classes, nbn=config.model.nbn, nbn_all_bn=config.model.nbn_all_bn,
             classifier_bn=config.model.classifier_bn).to(device, memory_format=self.memory_format)
-        norm = dict(mean=MEAN[config.data.dataset], std=STD[config.data.dataset], device=device,
-                    channels_last=t.channels_last, rank=self.rank, world_size=self.world)
+        norm = {"mean": MEAN[config.data.dataset], "std": STD[config.data.dataset], "device": device,
+                    "channels_last": t.channels_last, "rank": self.rank, "world_size": self.world}
         self.eval_loaders = {
             split: TensorLoader(x, y, t.eval_batch_size, train=False, **norm)
             for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y))

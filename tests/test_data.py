@@ -68,7 +68,7 @@ def test_shot_group_thresholds():
 def test_shot_groups_may_be_empty():
     assert shot_groups([500, 200]) == {"many": [0, 1], "medium": [], "few": []}
     groups = shot_groups(lt_class_counts(5000, 10, 100))
-    assert groups["few"] == [] and sorted(sum(groups.values(), [])) == list(range(10))
+    assert groups["few"] == [] and sorted(c for g in groups.values() for c in g) == list(range(10))
 
 
 def test_tercile_groups():
@@ -157,7 +157,7 @@ def test_read_cifar10_concatenates_the_five_batches(cifar10_root):
     assert raw.class_names == [f"class{c}" for c in range(10)]
     folder = cifar10_root / "cifar-10-batches-py"
     batches = [_unpickle(folder / f"data_batch_{k}") for k in range(1, 6)]
-    assert raw.train_y.tolist() == sum((b[b"labels"] for b in batches), [])
+    assert raw.train_y.tolist() == [y for b in batches for y in b[b"labels"]]
     assert np.array_equal(raw.train_x[-1].numpy().reshape(-1), batches[-1][b"data"][-1])
 
 

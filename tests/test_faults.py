@@ -98,7 +98,7 @@ def test_driver_killed_then_resumed(cifar10_root, tmp_path):
     _kill_session_of(proc.pid)
     finished = {d.name: _epochs(d) for d in (exp / "search").glob("_trial_*") if _epochs(d)[-1:] == [3]}
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = {d.name: _epochs(d) for d in (exp / "search").glob("_trial_*")}
     assert len(trials) == 5 and all(epochs == [1, 2, 3] for epochs in trials.values())
@@ -111,7 +111,7 @@ def test_driver_killed_then_resumed(cifar10_root, tmp_path):
     table = pd.read_csv(exp / "results.csv")
     (exp / "results.csv").unlink()
     (exp / "history.csv").unlink()
-    rebuilt = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    rebuilt = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     again = pd.read_csv(exp / "results.csv")
     pd.testing.assert_frame_equal(table.sort_values("trial_id").reset_index(drop=True),
@@ -127,7 +127,7 @@ def test_diverging_trial_ends_with_a_reason_and_the_search_goes_on(cifar10_root,
     space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=3, space={
         "stage1.lr": {"choice": [0.05, 1.0e12]}},
         search={"num_samples": 4, "sampler": {"type": "random", "seed": 7}, "scheduler": {"enabled": False}})
-    run = subprocess.run(_cmd(space, tmp_path / "runs", "nan"), cwd=tmp_path, capture_output=True, text=True,
+    run = subprocess.run(_cmd(space, tmp_path / "runs", "nan"), cwd=tmp_path, check=False, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = pd.read_csv(tmp_path / "runs" / "nan" / "results.csv")
@@ -141,7 +141,7 @@ def test_diverging_trial_ends_with_a_reason_and_the_search_goes_on(cifar10_root,
 def test_gpu_request_on_a_cluster_without_gpus(cifar10_root, tmp_path):
     space = write_space(tmp_path / "s.yaml", cifar10_root, space={"stage1.weight_decay": {"uniform": [0, 0.1]}},
                         search={"resources": {"gpus_per_worker": 1}})
-    run = subprocess.run(_cmd(space, tmp_path / "runs", "gpu"), cwd=tmp_path, capture_output=True, text=True,
+    run = subprocess.run(_cmd(space, tmp_path / "runs", "gpu"), cwd=tmp_path, check=False, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: search.resources.gpus_per_worker")

@@ -1,6 +1,7 @@
 """Tests of ltsearch.losses against hand-computed values on tiny synthetic batches."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -34,7 +35,7 @@ def test_class_balanced_weights_sum_to_num_classes_and_decrease_with_count(count
     assert w.sum().item() == pytest.approx(len(counts), rel=1e-6)
     order = sorted(range(len(counts)), key=lambda c: counts[c])
     ws = [w[c].item() for c in order]
-    assert all(a >= b - 1e-7 for a, b in zip(ws, ws[1:]))  # smaller class -> larger (or equal) weight
+    assert all(a >= b - 1e-7 for a, b in itertools.pairwise(ws))  # smaller class -> larger (or equal) weight
 
 
 def test_class_balanced_weights_beta_zero_is_all_ones():
