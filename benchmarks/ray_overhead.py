@@ -10,7 +10,8 @@ times (`epoch_time_s`: train + val/test evaluation) split it into driver-side an
 
 Then, with the cluster up: a search of 4 trials (1 CPU each, 2 concurrent, ASHA off); per-trial overhead =
 (2 * (last trial end - first trial launch) - sum of the trials' epoch times) / 4, i.e. slot time not spent
-in epochs. Then where the time goes: the CPU seconds each process of a search uses (`cpu`); the same
+in epochs (`four`). Then trials of 2 minutes or more as a search here runs them (`long`: 4 trials of 9
+epochs, 1 CPU each, 2 at a time, against the same runs of `python -m ltsearch train` two side by side). Then where the time goes: the CPU seconds each process of a search uses (`cpu`); the same
 3-epoch trial plain / through run_search.py / through run_search.py with the local Ray started without its
 dashboard (`variants`, interleaved); and the pieces: interpreter + imports (`python -X importtime`, and
 with vs without torchvision), `ltsearch.train.load_data`, one checkpoint save, one val+test evaluation.
@@ -249,6 +250,56 @@ def four_trials(args, env: dict, work: Path) -> dict:
     return four
 
 
+def long_trials(args, env: dict, work: Path) -> list[dict]:
+    """Trials of 2 minutes or more, as a search on this machine runs them (1 CPU and 1 thread each, 2 at a
+    time): 4 trials of `--long-epochs` epochs through `run_search.py` against the same 4 runs of
+    `python -m ltsearch train`, two side by side; interleaved, `--reps` times. The search's wall includes its
+    once-per-search cost (driver imports, starting and stopping the local Ray); per-trial overhead is the
+    slot time of its trials (first launch to last result, 2 slots) beyond the plain runs' wall, per trial."""
+    epochs, py, rows = args.long_epochs, sys.executable, []
+    print(f"\n4 trials of {epochs} epochs, 1 CPU each, 2 concurrent: search vs plain pairs", flush=True)
+    space = write_space(work / "space-long.yaml", epochs, 4, 1, {"stage1.weight_decay": {"choice": [5.0e-4]}})
+    config = work / "config-long.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
+    for rep in range(args.reps):
+        row = {"rep": rep}
+        for variant in ("plain", "search") if rep % 2 == 0 else ("search", "plain"):
+            if variant == "search":
+                name = f"long-search-{rep}"
+                started = time.time()
+                row["search_s"] = run([py, "run_search.py", str(space), "--storage", str(work), "--name", name], env)
+                trials = trial_times(work / name)
+                row["search_span_s"] = max(t["end"] for t in trials) - min(t["launched"] for t in trials)
+                row["search_first_launch_s"] = min(t["launched"] for t in trials) - started
+                row["search_epochs_s"] = sum(t["epochs_s"] for t in trials)
+                continue
+            started, epoch_s = time.perf_counter(), 0.0
+            for pair in ((0, 1), (2, 3)):
+                outs = [work / f"long-plain-{rep}-{i}" for i in pair]
+                procs = [subprocess.Popen([py, "-m", "ltsearch", "train", str(config), "--out", str(out),
+                                           "--set", "trainer.num_threads=1"], cwd=ROOT, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for out in outs]
+                if any(proc.wait() for proc in procs):
+                    raise RuntimeError(f"a plain run failed: {outs}")
+                epoch_s += sum(h["epoch_time_s"] for out in outs
+                               for h in json.loads((out / "metrics.json").read_text())["history"])
+            row["plain_s"], row["plain_epochs_s"] = time.perf_counter() - started, epoch_s
+        row["per_trial_overhead_s"] = (2 * row["search_span_s"] - row["plain_s"]) / 4
+        row["trial_s"] = row["plain_s"] / 2
+        rows.append(row)
+        print(f"  rep {rep}: plain {row['plain_s']:.1f} s (a trial {row['trial_s']:.1f} s), search "
+              f"{row['search_s']:.1f} s (trials' span {row['search_span_s']:.1f} s, first launch after "
+              f"{row['search_first_launch_s']:.1f} s); per-trial overhead {row['per_trial_overhead_s']:.1f} s "
+              f"= {100 * row['per_trial_overhead_s'] / row['trial_s']:.1f} %; epochs search / plain "
+              f"{row['search_epochs_s'] / row['plain_epochs_s']:.3f}", flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "rep"}
+    print(f"\nmedian: a trial {med['trial_s']:.1f} s; per-trial overhead {med['per_trial_overhead_s']:.1f} s = "
+          f"{100 * med['per_trial_overhead_s'] / med['trial_s']:.1f} % (target < 10 %); whole search / plain "
+          f"{med['search_s'] / med['plain_s']:.3f}; epochs search / plain "
+          f"{med['search_epochs_s'] / med['plain_epochs_s']:.3f}", flush=True)
+    return rows
+
+
 def cpu_breakdown(args, env: dict, work: Path) -> dict:
     """CPU seconds by process of one plain run and one single-trial search of max(--epochs) epochs."""
     epochs = max(args.epochs)
@@ -317,7 +368,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrent-epochs", type=int, default=1, help="epochs of each of the 4 trials")
-    parts = ["single", "four", "cpu", "variants", "pieces"]
+    parser.add_argument("--long-epochs", type=int, default=9, help="epochs of each trial of `long` (>= 2 min)")
+    parts = ["single", "four", "long", "cpu", "variants", "pieces"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to measure (default: all)")
     parser.add_argument("--child-search", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write all measurements to this file")
@@ -335,6 +387,8 @@ def main() -> None:
         results["single"] = single_trials(args, env, work)
     if "four" in args.parts:
         results["four"] = four_trials(args, env, work)
+    if "long" in args.parts:
+        results["long"] = long_trials(args, env, work)
     if "cpu" in args.parts:
         results["cpu"] = cpu_breakdown(args, env, work)
     if "variants" in args.parts:

@@ -13,7 +13,7 @@ Experiment directory layout (`storage/name/`):
     summary.json        best trial, its val and test metrics, its checkpoint, paths
 
 A trial with one worker runs the trainer inside the Tune trial process (no separate worker group: it
-saves Ray Train's 20-30 s start-up per trial); with several workers it launches a `TorchTrainer` (DDP over
+saves Ray Train's 20-30 s start-up per trial), and Tune reuses that process for the next trial; with several workers it launches a `TorchTrainer` (DDP over
 gloo on CPU or NCCL on GPU) whose rank-0 reports reach Tune through `TuneReportCallback`. Metrics are
 reduced across ranks inside the trainer before reporting.
 """
@@ -241,8 +241,10 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Di
                  if settings.scheduler.enabled else FIFOScheduler())
     tuner = tune.Tuner(
         trainable,
+        # reuse_actors: a finished trial's process runs the next trial, which then skips a process start and
+        # the imports of torch, Ray Tune, Optuna and pandas (~4 s a trial, docs/benchmarks.md benchmark 2).
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=concurrent),
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, list(space)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),

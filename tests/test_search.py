@@ -56,6 +56,8 @@ def test_search_writes_results_and_asha_stops_trials(local_ray, cifar10_root, tm
     assert (table["epochs"] == 5).any()
     history = pd.read_csv(result.path / "history.csv")
     assert len(history) == table["epochs"].sum()
+    # Trial processes are reused: 6 trials, 2 at a time, need fewer than 6 processes.
+    assert history.groupby("trial_id")["pid"].first().nunique() < len(table)
     best = yaml.safe_load((result.path / "best_config.yaml").read_text())
     winner = table.loc[table["final_val_acc"].idxmax()]
     assert best["stage1"]["weight_decay"] == pytest.approx(winner["stage1.weight_decay"])
