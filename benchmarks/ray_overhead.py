@@ -255,7 +255,8 @@ def long_trials(args, env: dict, work: Path) -> list[dict]:
     time): 4 trials of `--long-epochs` epochs through `run_search.py` against the same 4 runs of
     `python -m ltsearch train`, two side by side; interleaved, `--reps` times. The search's wall includes its
     once-per-search cost (driver imports, starting and stopping the local Ray); per-trial overhead is the
-    slot time of its trials (first launch to last result, 2 slots) beyond the plain runs' wall, per trial."""
+    slot time of its trials (2 slots x (last result - first launch)) beyond the plain runs' (2 slots x their
+    wall), per trial."""
     epochs, py, rows = args.long_epochs, sys.executable, []
     print(f"\n4 trials of {epochs} epochs, 1 CPU each, 2 concurrent: search vs plain pairs", flush=True)
     space = write_space(work / "space-long.yaml", epochs, 4, 1, {"stage1.weight_decay": {"choice": [5.0e-4]}})
@@ -284,7 +285,7 @@ def long_trials(args, env: dict, work: Path) -> list[dict]:
                 epoch_s += sum(h["epoch_time_s"] for out in outs
                                for h in json.loads((out / "metrics.json").read_text())["history"])
             row["plain_s"], row["plain_epochs_s"] = time.perf_counter() - started, epoch_s
-        row["per_trial_overhead_s"] = (2 * row["search_span_s"] - row["plain_s"]) / 4
+        row["per_trial_overhead_s"] = 2 * (row["search_span_s"] - row["plain_s"]) / 4  # 2 slots, 4 trials
         row["trial_s"] = row["plain_s"] / 2
         rows.append(row)
         print(f"  rep {rep}: plain {row['plain_s']:.1f} s (a trial {row['trial_s']:.1f} s), search "

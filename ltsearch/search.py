@@ -13,9 +13,10 @@ Experiment directory layout (`storage/name/`):
     summary.json        best trial, its val and test metrics, its checkpoint, paths
 
 A trial with one worker runs the trainer inside the Tune trial process (no separate worker group: it
-saves Ray Train's 20-30 s start-up per trial), and Tune reuses that process for the next trial; with several workers it launches a `TorchTrainer` (DDP over
-gloo on CPU or NCCL on GPU) whose rank-0 reports reach Tune through `TuneReportCallback`. Metrics are
-reduced across ranks inside the trainer before reporting.
+saves Ray Train's 20-30 s start-up per trial), and Tune reuses that process for the next trial; with
+several workers it launches a `TorchTrainer` (DDP over gloo on CPU or NCCL on GPU) whose rank-0 reports
+reach Tune through `TuneReportCallback`. Metrics are reduced across ranks inside the trainer before
+reporting.
 """
 from __future__ import annotations
 
@@ -241,10 +242,13 @@ def _run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Di
                  if settings.scheduler.enabled else FIFOScheduler())
     tuner = tune.Tuner(
         trainable,
-        # reuse_actors: a finished trial's process runs the next trial, which then skips a process start and
-        # the imports of torch, Ray Tune, Optuna and pandas (~4 s a trial, docs/benchmarks.md benchmark 2).
+        # reuse_actors: a finished one-worker trial's process runs the next trial, which then skips a process
+        # start and the imports of torch, Ray Tune, Optuna and pandas (~4 s a trial, docs/benchmarks.md,
+        # benchmark 2). Not for multi-worker trials: Tune's reset waits only 2 s for the trial's thread,
+        # and a TorchTrainer still shutting its worker group down makes the next trial fail instead.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=concurrent, reuse_actors=True),
+                                    max_concurrent_trials=concurrent,
+                                    reuse_actors=settings.resources.num_workers == 1),
         run_config=tune.RunConfig(
             name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, list(space)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
