@@ -236,8 +236,11 @@ def accuracy_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
 def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure:
     """Accuracy of every trial against one searched parameter, one panel per accuracy group (overall and
     shot groups in the first row, size terciles in the second); coloured by NBN on/off when `model.nbn`
-    was searched; the best trial (by validation) is a star, ASHA-stopped trials are open circles."""
-    frame = accuracy_frame(exp, split)
+    was searched; the best trial (by validation) is a star, ASHA-stopped trials are open circles.
+    Against tau, the accuracy is the tau-normalised classifier's (`final_tau_*`): tau changes nothing else."""
+    tau = key == "posthoc.tau" and _group_column(f"tau_{split}", "overall") in exp.results
+    measured = f"tau_{split}" if tau else split
+    frame = accuracy_frame(exp, measured)
     frame = frame[frame["trial_id"].isin(_rows_for(exp, key)["trial_id"])].dropna(subset=[key])
     present = [g for g in GROUPS if g in set(frame["group"])]
     shot = [g for g in present if g in SHOT_GROUPS]
@@ -255,7 +258,7 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
                      facet_col_wrap=wrap, facet_row_spacing=0.16,
                      symbol="outcome", symbol_map=OUTCOME_SYMBOLS, color_discrete_map=NBN_COLOURS,
                      category_orders=orders, hover_data=["trial_id"],
-                     labels={"accuracy": f"{split} accuracy (%)", "outcome": "trial"})
+                     labels={"accuracy": _metric_label(f"{measured}_acc"), "outcome": "trial"})
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     fig.update_traces(marker={"size": 11})
     fig.update_traces(marker={"size": 18}, selector=lambda t: "best" in (t.name or ""))
@@ -267,7 +270,8 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
     fig.update_yaxes(range=[max(low - pad, -3), min(high + pad, 103)])
     fig.add_annotation(text=axis["title_text"], xref="paper", yref="paper", x=0.5, y=0, yanchor="top",
                        yshift=-40, showarrow=False, font={"size": FONT_SIZE + 2})
-    return _style(fig, f"{split.capitalize()} accuracy vs {_key_name(key)} ({exp.name})",
+    what = f"{split.capitalize()} accuracy{' (tau-normalised classifier)' if tau else ''}"
+    return _style(fig, f"{what} vs {_key_name(key)} ({exp.name})",
                   height=TALL if len(present) > wrap else 460)
 
 

@@ -62,6 +62,7 @@ def _write_experiment(exp: Path) -> Path:
         checkpoint = f"{OLD_HOME}/search/{trial_id}/checkpoint_000004" if epochs else None
         row = {"trial_id": trial_id, "stage1.weight_decay": wd, "model.nbn": nbn, "posthoc.tau": tau,
                "final_val_acc": val, "final_test_acc": test, "final_test_acc_few": None,
+               "final_tau_test_acc": None if test is None else test + tau,
                **{f"final_test_acc_{g}": v for g, v in zip(GROUP_VALUES, groups, strict=True)},
                "checkpoint": checkpoint, "epochs": epochs, "objective": val, "status": status,
                "stop_reason": stop}
@@ -140,6 +141,11 @@ def test_accuracy_figure_log_axis_panels_and_nbn_colour(handmade):
     assert fig.layout.yaxis.title.text == "test accuracy (%)" and fig.layout.font.size >= 12
     tau = figures["accuracy_vs_posthoc_tau"]
     assert tau.layout.xaxis.type != "log" and tau.layout.xaxis.range == pytest.approx((-0.08, 2.08))
+    # against tau: the tau-normalised classifier's accuracy (the plain one does not depend on tau)
+    assert tau.layout.title.text.startswith("Test accuracy (tau-normalised classifier) vs tau")
+    assert tau.layout.yaxis.title.text == "test accuracy, tau-normalised (%)"
+    points = {(x, y) for t in tau.data for x, y in zip(t.x, t.y)}
+    assert points == {(t[3], t[8] + t[3]) for t in TRIALS if t[8] is not None}
     nbn = figures["accuracy_vs_model_nbn"]  # categorical axis, no NBN colour on the NBN figure itself
     assert {x for t in nbn.data for x in t.x} == {"True", "False"}
     assert {t.name for t in nbn.data} <= set(analysis.OUTCOME_SYMBOLS)
