@@ -311,8 +311,9 @@ def test_notebooks_are_clean_and_complete():
 def test_accuracy_notebook_plots_every_searched_parameter(executed_notebooks, real_search):
     figures = _plotly_outputs(executed_notebooks["accuracy_vs_regularization"])
     titles = [f["layout"]["title"]["text"] for f in figures]
-    for name in ("stage-1 weight decay", "normalized BN", "MaxNorm threshold", "tau"):
+    for name in ("stage-1 weight decay", "normalized BN", "MaxNorm threshold"):
         assert any(t.startswith(f"Test accuracy vs {name} (") for t in titles), (name, titles)
+    assert any(t.startswith("Test accuracy (tau-normalised classifier) vs tau (") for t in titles), titles
     wd = next(f for f in figures if "stage-1 weight decay" in f["layout"]["title"]["text"])
     assert wd["layout"]["xaxis"]["type"] == "log"
     names = {trace.get("name") for trace in wd["data"]}
