@@ -11,13 +11,14 @@ times (`epoch_time_s`: train + val/test evaluation) split it into driver-side an
 Then, with the cluster up: a search of 4 trials (1 CPU each, 2 concurrent, ASHA off); per-trial overhead =
 (2 * (last trial end - first trial launch) - sum of the trials' epoch times) / 4, i.e. slot time not spent
 in epochs (`four`). Then trials of 2 minutes or more as a search here runs them (`long`: 4 trials of 9
-epochs, 1 CPU each, 2 at a time, against the same runs of `python -m ltsearch train` two side by side). Then where the time goes: the CPU seconds each process of a search uses (`cpu`); the same
-3-epoch trial plain / through run_search.py / through run_search.py with the local Ray started without its
-dashboard (`variants`, interleaved); and the pieces: interpreter + imports (`python -X importtime`, and
+epochs, 1 CPU each, 2 at a time, against the same runs of `python -m ltsearch train` two side by side).
+Then where the time goes: the CPU seconds each process of a search uses (`cpu`); the same 3-epoch trial
+plain / through run_search.py / through run_search.py with the local Ray started without its dashboard
+(`variants`, interleaved); and the pieces: interpreter + imports (`python -X importtime`, and
 with vs without torchvision), `ltsearch.train.load_data`, one checkpoint save, one val+test evaluation.
 Targets: overhead < 10 s per trial, and < 10 % of a trial of 2 minutes or more.
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # ~20 min on the 2-core machine
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # ~45 min on the 2-core machine
 """
 from __future__ import annotations
 
