@@ -18,7 +18,7 @@ plain / through run_search.py / through run_search.py with the local Ray started
 with vs without torchvision), `ltsearch.train.load_data`, one checkpoint save, one val+test evaluation.
 Targets: overhead < 10 s per trial, and < 10 % of a trial of 2 minutes or more.
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # ~45 min on the 2-core machine
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # about an hour on the 2-core machine (`long`: 12 min a rep)
 """
 from __future__ import annotations
 
