@@ -100,7 +100,11 @@ def test_driver_killed_then_resumed(cifar10_root, tmp_path):
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    trials = {d.name: _epochs(d) for d in (exp / "search").glob("_trial_*")}
+    folders = {d.name: _epochs(d) for d in (exp / "search").glob("_trial_*")}
+    # A trial launched in the last ~2 s before the kill (after Tune's last saved state) leaves an empty
+    # folder; Optuna marks it failed and the search runs a replacement.
+    trials = {name: epochs for name, epochs in folders.items() if epochs}
+    assert len(folders) - len(trials) <= 1, folders
     assert len(trials) == 5 and all(epochs == [1, 2, 3] for epochs in trials.values())
     assert {name: trials[name] for name in finished} == finished
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{exp / 'optuna.db'}")
