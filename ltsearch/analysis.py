@@ -323,7 +323,7 @@ def _class_sizes(state: dict) -> tuple[list[int], list[str]]:
         counts = state["class_counts"]
         return counts, state.get("class_names") or [str(c) for c in range(len(counts))]
     from .config import ExperimentConfig, with_overrides
-    from .train import load_data
+    from .data import load_data
 
     config = with_overrides(ExperimentConfig.model_validate(state["config"]), {"data.download": False})
     data = load_data(config)

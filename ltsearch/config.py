@@ -21,6 +21,7 @@ __all__ = [
     "PosthocConfig",
     "Stage1Config",
     "Stage2Config",
+    "StrictModel",
     "TrainerConfig",
     "apply_overrides",
     "dump_config",
@@ -36,7 +37,9 @@ class ConfigError(ValueError):
     """A bad config file or value; the message is one line naming file, key and what was expected."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are rejected and instances are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -60,7 +63,7 @@ ModelName = Annotated[str, AfterValidator(_known_model)]
 LossName = Annotated[str, AfterValidator(_known_loss)]
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     dataset: Literal["cifar10", "cifar100"] = "cifar100"
     root: str | None = None  # else $LTSEARCH_DATA, else ~/.cache/ltsearch/data
     download: bool = False
@@ -71,14 +74,14 @@ class DataConfig(_Strict):
     subset_seed: int | None = None  # None: first n_i images of each class in file order (standard CIFAR-LT)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: ModelName = "resnet32"
     nbn: bool = False  # Normalized BN on the last stage
     nbn_all_bn: bool = False  # normalise every BN of the last stage, not just the branch-closing ones
     nbn_scale_weight_decay: bool = True  # apply weight decay to NBN's shared scalar
     classifier_bn: Literal["none", "affine", "plain"] = "none"  # BatchNorm1d on the logits
 
-class Stage1Config(_Strict):
+class Stage1Config(StrictModel):
     """Backbone + classifier with plain loss and tuned weight decay (paper: 200 epochs, batch 64)."""
 
     epochs: int = Field(200, ge=1)
@@ -91,7 +94,7 @@ class Stage1Config(_Strict):
     exempt_norm_bias_from_wd: bool = False
 
 
-class Stage2Config(_Strict):
+class Stage2Config(StrictModel):
     """Classifier retraining on a frozen backbone: class-balanced loss + weight decay + MaxNorm."""
 
     enabled: bool = True
@@ -108,13 +111,13 @@ class Stage2Config(_Strict):
     update_bn_stats: bool = False  # the paper's code keeps BN in train mode during stage 2
 
 
-class PosthocConfig(_Strict):
+class PosthocConfig(StrictModel):
     """Post-hoc tau-normalisation of the classifier, evaluated at every epoch at no training cost."""
 
     tau: float = Field(1.0, ge=0)
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 autocast (CPU/GPU); fp16 AMP on GPU only
@@ -123,7 +126,7 @@ class TrainerConfig(_Strict):
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: leave torch's default
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     stage1: Stage1Config = Stage1Config()

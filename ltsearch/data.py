@@ -16,16 +16,19 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
+
 __all__ = [
     "DATASETS", "MEAN", "STD", "DataError", "DatasetSpec", "LongTailData", "RawSplits", "TensorLoader",
-    "default_root", "load_image_list", "load_longtail", "load_split", "lt_class_counts", "random_crop_flip",
+    "default_root", "load_data", "load_image_list", "load_longtail", "load_split", "lt_class_counts", "random_crop_flip",
     "resolve_root", "shot_groups", "split_longtail", "tercile_groups",
 ]
 
@@ -311,6 +314,14 @@ def load_longtail(dataset: str, root: str | Path | None = None, download: bool =
         test_x=raw.test_x, test_y=raw.test_y,
         class_counts=torch.bincount(train_y, minlength=spec.num_classes).tolist(),
         class_names=raw.class_names, num_classes=spec.num_classes)
+
+
+def load_data(config: ExperimentConfig) -> LongTailData:
+    """The long-tailed data an experiment config describes (its `data` section)."""
+    d = config.data
+    return load_longtail(d.dataset, root=d.root, download=d.download, imbalance_factor=d.imbalance_factor,
+                         profile=d.profile, val_per_class=d.val_per_class, subset_seed=d.subset_seed,
+                         n_max=d.n_max)
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:

@@ -12,12 +12,13 @@ import math
 import torch
 
 from .config import ExperimentConfig
-from .data import MEAN, STD, TensorLoader
+from .data import MEAN, STD, TensorLoader, load_data
+from .files import CHECKPOINT_FILE
 from .losses import build_loss
-from .metrics import class_groups
+from .metrics import class_groups, feature_counts, metrics_from_counts
 from .models import LTClassifier, build_model
 from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
-from .train import CHECKPOINT_FILE, cosine_lr, feature_counts, load_data, metrics_from_counts
+from .train import cosine_lr
 
 __all__ = ["cache_features", "fit_classifier"]
 

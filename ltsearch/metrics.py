@@ -5,12 +5,16 @@ before any ratio is taken.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data import shot_groups, tercile_groups
 
-__all__ = ["accuracy_metrics", "class_groups", "per_class_counts"]
+__all__ = [
+    "accuracy_metrics", "class_groups", "feature_counts", "is_missing", "metrics_from_counts", "per_class_counts",
+]
 
 
 def per_class_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -36,3 +40,29 @@ def accuracy_metrics(correct: Tensor, total: Tensor, groups: dict[str, list[int]
     out[f"{prefix}_per_class_acc"] = [
         100.0 * c / t if t else None for c, t in zip(correct.tolist(), total.tolist())]
     return out
+
+
+@torch.no_grad()
+def feature_counts(model, feats: torch.Tensor, y: torch.Tensor, tau_weight: torch.Tensor) -> torch.Tensor:
+    """Per-class rows (correct, total, tau-normalised correct, summed CE loss) of one batch of features."""
+    num_classes = model.classifier.out_features
+    logits = model.logits_from_features(feats)
+    tau_logits = model.logits_from_features(feats, weight=tau_weight)
+    correct, total = per_class_counts(logits.argmax(1), y, num_classes)
+    tau_correct, _ = per_class_counts(tau_logits.argmax(1), y, num_classes)
+    loss = torch.zeros(num_classes, dtype=torch.float64, device=feats.device).index_add_(
+        0, y, nn.functional.cross_entropy(logits, y, reduction="none").double())
+    return torch.stack([correct, total, tau_correct, loss])
+
+
+def metrics_from_counts(counts: torch.Tensor, groups: dict[str, list[int]], split: str) -> dict:
+    """`{split}_loss`, `{split}_acc*` and `tau_{split}_acc*` from summed `feature_counts` rows."""
+    correct, total, tau_correct, loss = counts
+    return {f"{split}_loss": loss.sum().item() / max(total.sum().item(), 1.0),
+            **accuracy_metrics(correct, total, groups, split),
+            **accuracy_metrics(tau_correct, total, groups, f"tau_{split}")}
+
+
+def is_missing(value) -> bool:
+    """A metric or table value that is absent: None or NaN (an absent group is missing, never 0)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))

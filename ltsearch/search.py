@@ -44,8 +44,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .config import ConfigError, ExperimentConfig, with_overrides
+from .data import load_data
 from .space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
-from .train import TrainingDiverged, load_data, train
+from .train import TrainingDiverged, train
 
 __all__ = ["EXPERIMENT_MARKER", "SearchResult", "connect", "results_table", "run_search"]
 

@@ -18,11 +18,12 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .config import (
     ConfigError,
     ExperimentConfig,
+    StrictModel,
     apply_overrides,
     format_validation_error,
     load_yaml,
@@ -46,11 +47,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "int", "choice")
 STAGE2_PREFIXES = ("stage2.", "posthoc.")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Distribution(_Strict):
+class Distribution(StrictModel):
     """One entry of `space`: exactly one distribution key, optionally a `when` condition."""
 
     loguniform: tuple[float, float] | None = None
@@ -58,7 +55,7 @@ class Distribution(_Strict):
     quniform: tuple[float, float, float] | None = None  # [low, high, step]
     int: tuple[builtins.int, builtins.int] | None = None  # inclusive bounds
     choice: list[Any] | None = None
-    when: dict[str, Any] = {}  # sample only when these (earlier-sampled or base) keys have these values
+    when: dict[str, Any] = Field(default_factory=dict)  # sample only when these (earlier-sampled or base) keys have these values
 
     @model_validator(mode="after")
     def _one_distribution(self) -> Distribution:
@@ -94,7 +91,7 @@ class Distribution(_Strict):
         return [low, high, low + 0.3711 * (high - low)]
 
 
-class Scheduler(_Strict):
+class Scheduler(StrictModel):
     """ASHA on the global epoch (stage-1 epochs then stage-2 epochs)."""
 
     grace_period: int = Field(1, ge=1)  # epochs before a trial can be stopped
@@ -102,19 +99,19 @@ class Scheduler(_Strict):
     enabled: bool = True
 
 
-class Sampler(_Strict):
+class Sampler(StrictModel):
     type: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(4, ge=0)  # random trials before TPE models the space
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks) per trial
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs, else 0; fractions ok
 
 
-class Staged(_Strict):
+class Staged(StrictModel):
     """Second phase of a `staged` search: stage 2 on features cached from the best stage-1 checkpoints."""
 
     top_k: int = Field(2, ge=1)  # stage-1 checkpoints (best by validation) to build on
@@ -122,7 +119,7 @@ class Staged(_Strict):
     views: int = Field(4, ge=1)  # augmented views of the training set cached per checkpoint
 
 
-class SearchSettings(_Strict):
+class SearchSettings(StrictModel):
     mode: Literal["joint", "staged"] = "joint"
     num_samples: int = Field(8, ge=1)
     metric: str | list[str] = "val_acc"  # a list runs multi-objective Optuna; ASHA uses the first
@@ -163,7 +160,7 @@ class SearchSettings(_Strict):
         return [self.direction] * len(self.metrics) if isinstance(self.direction, str) else list(self.direction)
 
 
-class SearchSpaceFile(_Strict):
+class SearchSpaceFile(StrictModel):
     base: ExperimentConfig
     space: dict[str, Distribution]
     search: SearchSettings = SearchSettings()

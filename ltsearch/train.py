@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,24 +28,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ExperimentConfig
-from .data import MEAN, STD, LongTailData, TensorLoader, load_longtail
+from .data import MEAN, STD, LongTailData, TensorLoader, load_data
+from .files import CHECKPOINT_FILE, atomic_save
 from .losses import build_loss
-from .metrics import accuracy_metrics, class_groups, per_class_counts
+from .metrics import class_groups, feature_counts, metrics_from_counts
 from .models import LTClassifier, build_model, nbn_parameters
 from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
 
 __all__ = [
-    "CHECKPOINT_FILE",
     "TrainingDiverged",
-    "feature_counts",
-    "load_data",
-    "metrics_from_counts",
     "resolve_device",
     "train",
 ]
 
 Report = Callable[[dict, "str | None"], None]
-CHECKPOINT_FILE = "state.pt"
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,13 +60,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":  # the device the launcher (e.g. Ray Train) selected for this rank
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
-
-
-def load_data(config: ExperimentConfig) -> LongTailData:
-    d = config.data
-    return load_longtail(d.dataset, root=d.root, download=d.download, imbalance_factor=d.imbalance_factor,
-                         profile=d.profile, val_per_class=d.val_per_class, subset_seed=d.subset_seed,
-                         n_max=d.n_max)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -101,27 +89,6 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def feature_counts(model: LTClassifier, feats: torch.Tensor, y: torch.Tensor, tau_weight: torch.Tensor) -> torch.Tensor:
-    """Per-class rows (correct, total, tau-normalised correct, summed CE loss) of one batch of features."""
-    num_classes = model.classifier.out_features
-    logits = model.logits_from_features(feats)
-    tau_logits = model.logits_from_features(feats, weight=tau_weight)
-    correct, total = per_class_counts(logits.argmax(1), y, num_classes)
-    tau_correct, _ = per_class_counts(tau_logits.argmax(1), y, num_classes)
-    loss = torch.zeros(num_classes, dtype=torch.float64, device=feats.device).index_add_(
-        0, y, nn.functional.cross_entropy(logits, y, reduction="none").double())
-    return torch.stack([correct, total, tau_correct, loss])
-
-
-def metrics_from_counts(counts: torch.Tensor, groups: dict[str, list[int]], split: str) -> dict:
-    """`{split}_loss`, `{split}_acc*` and `tau_{split}_acc*` from summed `feature_counts` rows."""
-    correct, total, tau_correct, loss = counts
-    return {f"{split}_loss": loss.sum().item() / max(total.sum().item(), 1.0),
-            **accuracy_metrics(correct, total, groups, split),
-            **accuracy_metrics(tau_correct, total, groups, f"tau_{split}")}
 
 
 class _Run:
@@ -178,7 +145,7 @@ class _Run:
         """Rank 0 writes the checkpoint (atomically); every rank calls `report` once per epoch."""
         if report is None:
             if out_dir is not None and self.rank == 0:
-                _atomic_save(state, out_dir / "checkpoint" / CHECKPOINT_FILE)
+                atomic_save(state, out_dir / "checkpoint" / CHECKPOINT_FILE)
             return
         if self.rank != 0:
             report(metrics, None)
@@ -287,13 +254,6 @@ def _progress(iterable, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(config: ExperimentConfig, *, out_dir: str | Path | None = None, report: Report | None = None,

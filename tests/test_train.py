@@ -11,7 +11,8 @@ import torch
 
 from ltsearch.__main__ import main
 from ltsearch.config import ExperimentConfig, with_overrides
-from ltsearch.train import TrainingDiverged, load_data, train
+from ltsearch.data import load_data
+from ltsearch.train import TrainingDiverged, train
 
 
 def timeless(history: list[dict]) -> list[dict]:
