@@ -2,7 +2,16 @@
 
 Every backbone in `MODELS` maps an image batch to features of shape (B, feature_dim), exposes that
 width as a `feature_dim` attribute, and names its residual stages `layer1..layerN` (torchvision's
-convention), which is how NBN finds the last stage.
+convention), which is how NBN finds the last stage. A backbone may also carry an `init_classifier`
+function, which `LTClassifier` applies to the linear classifier it adds.
+
+Two families of CIFAR ResNets:
+  resnet{8,20,32,56}, resnet34_cifar   "option B" projection shortcuts (1x1 conv + BN), torchvision-style
+                                       init (kaiming-normal, fan_out) of the convs
+  resnet{20,32,44,56}_a                the ResNets of He et al. (2016) for CIFAR as the long-tail literature
+                                       trains them: the `ResNet_s` of kaidic/LDAM-DRW `models/resnet_cifar.py`
+                                       (after Y. Idelbayev), with parameter-free "option A" shortcuts and
+                                       kaiming-normal (fan_in) init of every conv and of the classifier
 """
 
 from collections import OrderedDict
@@ -104,28 +113,58 @@ def _nbn_target_names(block: nn.Module, all_bn: bool) -> list[str]:
 
 
 def convert_last_stage_to_nbn(backbone: nn.Module, scale: SharedScale, all_bn: bool = False) -> None:
-    """Replace, in place, the last stage's branch-closing and shortcut BNs (or all its BNs) by NBN."""
+    """Replace, in place, the last stage's branch-closing and shortcut BNs (or all its BNs) by NBN.
+    A parameter-free (option-A) shortcut has no BN to replace."""
     for block in _last_stage(backbone):
         for name in _nbn_target_names(block, all_bn):
             block.set_submodule(name, NormalizedBatchNorm2d(block.get_submodule(name), scale))
 
 
-def _residual_stage(in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
+class ZeroPadShortcut(nn.Module):
+    """He et al.'s "option A" shortcut where a block changes shape: keep every `stride`-th pixel and pad the
+    channels with zeros, half in front and half behind. No parameters and no BN.
+
+    The reference (`LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4)))`)
+    pads planes // 4 on each side when the width doubles; that is (out - in) // 2 on each side here."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"option-A shortcut cannot narrow {in_channels} to {out_channels} channels")
+        self.stride = stride
+        self.pad_front = (out_channels - in_channels) // 2
+        self.pad_back = out_channels - in_channels - self.pad_front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad_channels=({self.pad_front}, {self.pad_back})"
+
+
+def _residual_stage(
+    in_channels: int, width: int, num_blocks: int, stride: int, shortcut: str = "B"
+) -> nn.Sequential:
     downsample = None
     if stride != 1 or in_channels != width:
-        # "Option B" shortcut of He et al.: a projection whenever the shape changes.
-        downsample = nn.Sequential(
-            nn.Conv2d(in_channels, width, kernel_size=1, stride=stride, bias=False),
-            nn.BatchNorm2d(width),
-        )
+        if shortcut == "A":
+            downsample = ZeroPadShortcut(in_channels, width, stride)
+        else:  # "option B" of He et al.: a projection whenever the shape changes
+            downsample = nn.Sequential(
+                nn.Conv2d(in_channels, width, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(width),
+            )
+    # torchvision's BasicBlock is the reference's block: relu(bn1(conv1 x)) -> bn2(conv2 .) + shortcut -> relu,
+    # 3x3 convs without bias, the stride on conv1.
     blocks = [BasicBlock(in_channels, width, stride, downsample)]
     blocks += [BasicBlock(width, width) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
 
 
-def cifar_resnet(blocks_per_stage: Sequence[int], widths: Sequence[int]) -> nn.Sequential:
-    """ResNet of BasicBlocks for small images: 3x3 stride-1 stem, no max-pool, first stage at stride 1,
-    the others at stride 2, then global average pooling."""
+def _cifar_backbone(blocks_per_stage: Sequence[int], widths: Sequence[int], shortcut: str) -> nn.Sequential:
+    """3x3 stride-1 stem, no max-pool, first stage at stride 1, the others at stride 2, then global
+    average pooling. PyTorch's default init; the callers below set their own."""
     layers = OrderedDict(
         stem=nn.Sequential(
             nn.Conv2d(3, widths[0], kernel_size=3, padding=1, bias=False),
@@ -136,18 +175,49 @@ def cifar_resnet(blocks_per_stage: Sequence[int], widths: Sequence[int]) -> nn.S
     in_channels = widths[0]
     for index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
         stride = 1 if index == 0 else 2
-        layers[f"layer{index + 1}"] = _residual_stage(in_channels, width, num_blocks, stride)
+        layers[f"layer{index + 1}"] = _residual_stage(in_channels, width, num_blocks, stride, shortcut)
         in_channels = width
     layers["pool"] = nn.AdaptiveAvgPool2d(1)
     layers["flatten"] = nn.Flatten()
     backbone = nn.Sequential(layers)
     backbone.feature_dim = in_channels
+    return backbone
+
+
+def cifar_resnet(blocks_per_stage: Sequence[int], widths: Sequence[int]) -> nn.Sequential:
+    """ResNet of BasicBlocks for small images with option-B (projection) shortcuts and torchvision's
+    init: kaiming-normal (fan_out) convs, BN weight 1 and bias 0."""
+    backbone = _cifar_backbone(blocks_per_stage, widths, shortcut="B")
     for module in backbone.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    return backbone
+
+
+def _kaiming_normal_weight(module: nn.Module) -> None:
+    """The reference's `_weights_init`: `init.kaiming_normal_(m.weight)`, i.e. fan_in and ReLU gain,
+    std = sqrt(2 / fan_in). Biases keep PyTorch's default init."""
+    nn.init.kaiming_normal_(module.weight)
+
+
+def cifar_resnet_a(depth: int) -> nn.Sequential:
+    """The CIFAR ResNet-`depth` of He et al. (2016) as built by `ResNet_s` in kaidic/LDAM-DRW
+    `models/resnet_cifar.py`: (depth - 2) / 6 BasicBlocks in each of 3 stages of widths 16/32/64, option-A
+    (zero-padding, parameter-free) shortcuts, kaiming-normal (fan_in) init of every conv and, through
+    `init_classifier`, of the linear classifier; BN keeps PyTorch's init (weight 1, bias 0).
+
+    Parameters of resnet32_a with a 10-way head: 464,154, as the reference prints (derivation in
+    tests/test_models.py)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth}")
+    backbone = _cifar_backbone([(depth - 2) // 6] * 3, (16, 32, 64), shortcut="A")
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            _kaiming_normal_weight(module)
+    backbone.init_classifier = _kaiming_normal_weight
     return backbone
 
 
@@ -166,6 +236,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     },
     "resnet34_cifar": partial(cifar_resnet, [3, 4, 6, 3], (64, 128, 256, 512)),
     "resnet50": torchvision_resnet50,
+    **{f"resnet{depth}_a": partial(cifar_resnet_a, depth) for depth in (20, 32, 44, 56)},
 }
 
 CLASSIFIER_BN: dict[str, Callable[[int], nn.Module]] = {
@@ -188,6 +259,9 @@ class LTClassifier(nn.Module):
         super().__init__()
         self.features = features
         self.classifier = nn.Linear(features.feature_dim, num_classes)
+        init_classifier = getattr(features, "init_classifier", None)
+        if init_classifier is not None:
+            init_classifier(self.classifier)
         self.logit_bn = logit_bn
         self.nbn_scale = nbn_scale
 
@@ -220,7 +294,7 @@ def build_model(
 ) -> LTClassifier:
     """Build `MODELS[name]` with a `num_classes` head. `nbn` normalises the last stage's
     branch-closing and shortcut BNs (`nbn_all_bn`: every BN of that stage; ignored without `nbn`)
-    with one shared alpha."""
+    with one shared alpha. Option-A shortcuts have no BN, so there NBN takes the closing BNs only."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
     if classifier_bn not in CLASSIFIER_BN:

@@ -11,6 +11,7 @@ from ltsearch.models import (
     LTClassifier,
     NormalizedBatchNorm2d,
     SharedScale,
+    ZeroPadShortcut,
     build_model,
     nbn_parameters,
 )
@@ -19,7 +20,7 @@ NUM_CLASSES = 10
 # Defaults are 32x32 inputs, batch 4; the big models get smaller inputs to keep the suite fast.
 INPUT_SIZE = {"resnet50": 64}
 BATCH_SIZE = {"resnet50": 2, "resnet34_cifar": 2}
-LAST_STAGE = {"resnet32": "layer3", "resnet50": "layer4"}
+LAST_STAGE = {"resnet32": "layer3", "resnet32_a": "layer3", "resnet50": "layer4"}
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +66,109 @@ def test_forward_backward(name, nbn):
 def test_resnet32_param_count():
     model = build_model("resnet32", 100)
     num_params = sum(p.numel() for p in model.parameters())
-    # Exactly 472,756 with option-B shortcuts and a 100-way head.
-    assert 440_000 <= num_params <= 500_000
+    # Option B: 470,004 (option A, derivation above) + 2,752 for the two projection shortcuts.
+    assert num_params == 472_756
+
+
+# Parameters of the option-A ResNet-(6n+2) with C classes, counted by hand (convs have no bias; a BN has
+# 2 parameters per channel; the shortcut has none):
+#   stem     3x3 conv 3->16 + BN(16)                                    432 + 32               =     464
+#   stage 1  n blocks of 2 convs 16->16 + 2 BN(16)                      n x (2 x 2,304 + 64)   = n x 4,672
+#   stage 2  first block: convs 16->32 and 32->32 + 2 BN(32)            4,608 + 9,216 + 128    =  13,952
+#            n - 1 blocks of 2 convs 32->32 + 2 BN(32)                  2 x 9,216 + 128        =  18,560 each
+#   stage 3  first block: convs 32->64 and 64->64 + 2 BN(64)            18,432 + 36,864 + 256  =  55,552
+#            n - 1 blocks of 2 convs 64->64 + 2 BN(64)                  2 x 36,864 + 256       =  73,984 each
+#   head     Linear(64, C)                                              64 C + C
+# ResNet-32 (n = 5), C = 10: 464 + 23,360 + 88,192 + 351,488 + 650 = 464,154, the count kaidic/LDAM-DRW's
+# `models/resnet_cifar.py` prints for its resnet32 (its docstring: 0.46M; ResNet-20 0.27M, -56 0.85M).
+# Option B adds two projections (16x32 + 64 and 32x64 + 128 = 2,752): 472,756 with C = 100, as above.
+@pytest.mark.parametrize(
+    "name, num_classes, expected",
+    [
+        ("resnet20_a", 10, 269_722),
+        ("resnet20_a", 100, 275_572),
+        ("resnet32_a", 10, 464_154),
+        ("resnet32_a", 100, 470_004),
+        ("resnet44_a", 10, 658_586),
+        ("resnet56_a", 10, 853_018),
+    ],
+)
+def test_option_a_param_count(name, num_classes, expected):
+    model = build_model(name, num_classes)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("name", ["resnet20_a", "resnet32_a"])
+def test_option_a_shortcut_is_parameter_free(name):
+    features = build_model(name, NUM_CLASSES).features
+    shortcuts = [m for m in features.modules() if isinstance(m, ZeroPadShortcut)]
+    assert len(shortcuts) == 2  # entering stages 2 and 3; every other block has the identity shortcut
+    assert [block.downsample is None for block in features.layer1] == [True] * len(features.layer1)
+    for stage in (features.layer2, features.layer3):
+        assert isinstance(stage[0].downsample, ZeroPadShortcut)
+        assert all(block.downsample is None for block in stage[1:])
+    for shortcut in shortcuts:
+        assert list(shortcut.parameters()) == [] and list(shortcut.buffers()) == []
+    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in features.modules())
+
+
+def test_zero_pad_shortcut_matches_reference_lambda():
+    x = torch.randn(2, 16, 32, 32)
+    planes = 32
+    # The reference's LambdaLayer, written out.
+    expected = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0)
+    actual = ZeroPadShortcut(16, planes, stride=2)(x)
+    assert actual.shape == (2, 32, 16, 16)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(actual[:, 8:24], x[:, :, ::2, ::2])
+    assert actual[:, :8].abs().sum() == 0 and actual[:, 24:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["resnet20_a", "resnet32_a"])
+def test_option_a_stage_shapes(name):
+    model = build_model(name, 100)
+    x = images(name)
+    shapes = {}
+    for stage in ("stem", "layer1", "layer2", "layer3"):
+        getattr(model.features, stage).register_forward_hook(
+            lambda m, i, out, stage=stage: shapes.__setitem__(stage, tuple(out.shape[1:]))
+        )
+    assert model(x).shape == (4, 100)
+    assert shapes == {"stem": (16, 32, 32), "layer1": (16, 32, 32), "layer2": (32, 16, 16),
+                      "layer3": (64, 8, 8)}
+    assert model.feature_dim == 64
+
+
+def test_option_a_init_is_kaiming_normal_fan_in():
+    """The reference's `_weights_init`: kaiming_normal_ (fan_in, ReLU gain) on every conv AND the linear
+    classifier; BN at PyTorch's defaults. Per-layer tolerance 12%: the smallest tensor (the stem, 432
+    weights) has a std estimate with ~3.4% relative sd."""
+    model = build_model("resnet32_a", NUM_CLASSES)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 32  # 31 convs + the classifier: ResNet-32's 32 weighted layers
+    for layer in layers:
+        fan_in = layer.weight[0].numel()
+        expected = (2.0 / fan_in) ** 0.5
+        assert layer.weight.std().item() == pytest.approx(expected, rel=0.12), layer
+        assert abs(layer.weight.mean().item()) < 0.2 * expected
+    # fan_out would give the stride-2 convs 16->32 and 32->64 a std smaller by sqrt(2).
+    for conv in (model.features.layer2[0].conv1, model.features.layer3[0].conv1):
+        fan_out_std = (2.0 / (conv.out_channels * 9)) ** 0.5
+        assert conv.weight.std().item() > 1.25 * fan_out_std
+    # PyTorch's default Linear init has std 1/sqrt(3 fan_in) = 0.072 here; kaiming-normal 0.177.
+    assert model.classifier.weight.std().item() > 0.15
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert bool((bn.weight == 1).all()) and bool((bn.bias == 0).all())
+
+
+def test_option_a_nbn_forward_and_alpha():
+    model = build_model("resnet32_a", NUM_CLASSES, nbn=True)
+    layers = nbn_layers(model)
+    assert sorted(layers) == [f"features.layer3.{i}.bn2" for i in range(5)]
+    F.cross_entropy(model(images()), torch.arange(4)).backward()
+    assert model.nbn_scale.alpha.grad is not None and model.nbn_scale.alpha.grad.abs().item() > 0
+    # The classifier init hook survives NBN conversion.
+    assert model.classifier.weight.std().item() > 0.15
 
 
 def test_alpha_stored_once():
@@ -84,6 +186,8 @@ def test_alpha_stored_once():
         ("resnet32", True, 11),  # 5 blocks x (bn1, bn2) + 1 downsample BN
         ("resnet50", False, 4),  # 3 blocks' bn3 + 1 downsample BN
         ("resnet50", True, 10),  # 3 blocks x (bn1, bn2, bn3) + 1 downsample BN
+        ("resnet32_a", False, 5),  # 5 blocks' bn2; the option-A shortcut has no BN
+        ("resnet32_a", True, 10),  # 5 blocks x (bn1, bn2)
     ],
 )
 def test_nbn_layers_are_in_last_stage_and_share_alpha(name, all_bn, expected):
