@@ -38,6 +38,7 @@ __all__ = [
     "SearchSettings",
     "SearchSpaceFile",
     "flat_config",
+    "inert_reason",
     "load_search_space",
     "suggest",
 ]
@@ -165,6 +166,21 @@ class SearchSpaceFile(StrictModel):
     space: dict[str, Distribution]
     search: SearchSettings = SearchSettings()
 
+    def max_epochs(self, phase: str = "all") -> int:
+        """The most global epochs a sampled configuration can plan (ASHA's horizon): stage 1, plus stage 2
+        when it can be enabled (`phase` `all`), or stage 1 alone (`stage1`)."""
+        def most(key: str) -> int:
+            dist = self.space.get(key)
+            if dist is None:
+                return flat_config(self.base)[key]
+            return max(dist.choice) if dist.kind == "choice" else dist.int[1]
+
+        total = most("stage1.epochs")
+        enabled = self.space.get("stage2.enabled")
+        if phase == "all" and (self.base.stage2.enabled or (enabled and True in (enabled.choice or []))):
+            total += most("stage2.epochs")
+        return total
+
     def sample_keys(self, phase: str = "all") -> list[str]:
         """Keys of `space` sampled in a phase: `all`, `stage1` (staged mode's first phase) or `stage2`."""
         if phase == "all":
@@ -263,4 +279,58 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None,
                 raise ConfigError(f"{err} (from space.{key} {dist.kind} value {value!r})") from None
     if search.mode == "staged" and not any(k.startswith(STAGE2_PREFIXES) for k in space):
         raise ConfigError(f"{source}: search.mode: staged needs stage2.* or posthoc.* keys in space")
+    if search.mode == "staged" and (base.stage2.update_bn_stats or "stage2.update_bn_stats" in space):
+        raise ConfigError(f"{source}: stage2.update_bn_stats: staged mode trains stage 2 on cached features of a "
+                          "frozen backbone, so BN statistics cannot be updated; use search.mode: joint")
+    if base.data.val_per_class == 0:
+        for metric in search.metrics:
+            if "val_" in metric:
+                raise ConfigError(f"{source}: search.metric: {metric} needs a validation set, but "
+                                  "base.data.val_per_class is 0")
+    for key in space:
+        reason = inert_reason(key, space, base, search.metrics)
+        if reason:
+            raise ConfigError(f"{source}: space.{key}: {reason}")
     return SearchSpaceFile(base=base, space=space, search=search)
+
+
+# Keys that change nothing unless another key has one of these values: key -> (key, test, what it needs).
+_NEEDS: dict[str, tuple[str, Any, str]] = {
+    "model.nbn_all_bn": ("model.nbn", lambda v: v is True, "model.nbn: true"),
+    "model.nbn_scale_weight_decay": ("model.nbn", lambda v: v is True, "model.nbn: true"),
+    "stage2.beta": ("stage2.loss", lambda v: str(v).startswith("cb_"), "a class-balanced stage2.loss (cb_*)"),
+    "stage2.focal_gamma": ("stage2.loss", lambda v: v == "cb_focal", "stage2.loss: cb_focal"),
+    "stage2.maxnorm_every": ("stage2.maxnorm_thresh", lambda v: v is not None, "a stage2.maxnorm_thresh"),
+}
+
+
+def _possible(key: str, dist: Distribution, space: dict[str, Distribution], base: ExperimentConfig) -> list[Any]:
+    """Values `key` can take while `dist` is sampled: its `when` value, its own choices (a range: any
+    value, so the marker `...`), else its base value."""
+    if key in dist.when:
+        return [dist.when[key]]
+    if key in space:
+        return list(space[key].choice) if space[key].kind == "choice" else [...]
+    return [flat_config(base)[key]]
+
+
+def inert_reason(key: str, space: dict[str, Distribution], base: ExperimentConfig,
+                 metrics: list[str]) -> str | None:
+    """Why sampling `key` cannot change any of `metrics`, or None when it can. Such a key spends a search
+    dimension on noise and makes parameter importances lie."""
+    dist = space[key]
+    if key.startswith("posthoc.") and not any(m.startswith("tau_") for m in metrics):
+        return (f"cannot change metric {', '.join(metrics)}: post-hoc tau changes only the tau_* metrics "
+                "(the tau-normalised classifier); select on tau_val_acc (tau 0 is the plain classifier), or "
+                "remove the key")
+    needs = []
+    if key.startswith("stage2.") and key != "stage2.enabled":
+        needs.append(("stage2.enabled", lambda v: v is True, "stage2.enabled: true"))
+    if key in _NEEDS:
+        needs.append(_NEEDS[key])
+    for other, test, what in needs:
+        values = _possible(other, dist, space, base)
+        if not any(v is ... or test(v) for v in values):
+            return (f"has no effect: it needs {what}, but {other} is {values[0]!r} whenever this key is sampled "
+                    f"(set it in base, search it, or remove the key)")
+    return None

@@ -9,13 +9,17 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FixedTrial
 
-from ltsearch.config import ConfigError, ExperimentConfig, with_overrides
+from ltsearch.config import ConfigError, ExperimentConfig, load_config, load_yaml, with_overrides
 from ltsearch.space import Distribution, SearchSpaceFile, load_search_space, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE_FILES = sorted((REPO / "search_spaces").glob("*.yaml"))
+# Every YAML file under search_spaces/, subfolders included: search spaces, and the experiment configs
+# some studies keep beside them (a file without a `space` section).
+YAML_FILES = sorted((REPO / "search_spaces").rglob("*.yaml"))
+SPACE_FILES = [p for p in YAML_FILES if "space" in load_yaml(p)]
+CONFIG_FILES = [p for p in YAML_FILES if p not in SPACE_FILES]
 
 BASE = """\
 base:
@@ -35,7 +39,7 @@ space:
   posthoc.tau: {uniform: [0, 2]}
 search:
   num_samples: 4
-  metric: val_acc
+  metric: tau_val_acc
   direction: max
 """
 
@@ -79,12 +83,12 @@ def test_valid_file_loads_every_part(tmp_path):
     assert sp.space["stage2.weight_decay"].quniform == (0.0, 0.5, 0.05)
     assert sp.space["model.nbn_scale_weight_decay"].when == {"model.nbn": True}
     assert sp.space["model.nbn"].when == {}
-    assert sp.search.num_samples == 4 and sp.search.metrics == ["val_acc"] and sp.search.directions == ["max"]
+    assert sp.search.num_samples == 4 and sp.search.metrics == ["tau_val_acc"] and sp.search.directions == ["max"]
     assert sp.search.mode == "joint"
 
 
 def test_search_section_is_optional(tmp_path):
-    sp = load_search_space(write(tmp_path, BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\n"))
+    sp = load_search_space(write(tmp_path, BASE + "space:\n  stage1.lr: {uniform: [0.01, 0.2]}\n"))
     assert sp.search.num_samples == 8 and sp.search.metric == "val_acc"
 
 
@@ -104,8 +108,8 @@ def test_int_distribution_rejects_fractional_bounds():
 
 def test_overrides_and_num_samples(tmp_path):
     path = write(tmp_path, VALID)
-    sp = load_search_space(path, overrides=["stage1.epochs=5", "search.metric=val_acc_few"])
-    assert sp.base.stage1.epochs == 5 and sp.search.metric == "val_acc_few"
+    sp = load_search_space(path, overrides=["stage1.epochs=5", "search.metric=tau_val_acc_few"])
+    assert sp.base.stage1.epochs == 5 and sp.search.metric == "tau_val_acc_few"
     assert load_search_space(path, num_samples=11).search.num_samples == 11
     with pytest.raises(ConfigError, match="stage1.nokey"):
         load_search_space(path, overrides=["stage1.nokey=1"])
@@ -200,26 +204,26 @@ def test_when_condition_on_an_unknown_key(tmp_path):
 
 
 def test_test_set_metric_is_rejected(tmp_path):
-    expect_error(tmp_path, VALID.replace("metric: val_acc", "metric: test_acc"), "search.metric", "test_acc")
+    expect_error(tmp_path, VALID.replace("metric: tau_val_acc", "metric: test_acc"), "search.metric", "test_acc")
 
 
 def test_test_set_metric_in_a_list_is_rejected(tmp_path):
-    text = VALID.replace("metric: val_acc", "metric: [val_acc, test_acc_few]").replace(
+    text = VALID.replace("metric: tau_val_acc", "metric: [tau_val_acc, test_acc_few]").replace(
         "direction: max", "direction: [max, max]")
     expect_error(tmp_path, text, "search.metric", "test_acc_few")
 
 
 def test_direction_list_length_must_match_metrics(tmp_path):
-    text = VALID.replace("metric: val_acc", "metric: [val_acc, val_acc_few]").replace(
+    text = VALID.replace("metric: tau_val_acc", "metric: [tau_val_acc, val_acc_few]").replace(
         "direction: max", "direction: [max]")
     expect_error(tmp_path, text, "search", "direction has 1 entries for 2 metrics")
 
 
 def test_multi_objective_settings(tmp_path):
-    text = VALID.replace("metric: val_acc", "metric: [val_acc, train_loss]").replace(
+    text = VALID.replace("metric: tau_val_acc", "metric: [tau_val_acc, train_loss]").replace(
         "direction: max", "direction: [max, min]")
     sp = load_search_space(write(tmp_path, text))
-    assert sp.search.metrics == ["val_acc", "train_loss"] and sp.search.directions == ["max", "min"]
+    assert sp.search.metrics == ["tau_val_acc", "train_loss"] and sp.search.directions == ["max", "min"]
 
 
 def test_staged_mode_needs_stage2_or_posthoc_keys(tmp_path):
@@ -269,13 +273,13 @@ def test_when_condition_holds_then_the_key_is_sampled(tmp_path):
 
 
 def test_when_condition_on_a_base_value(tmp_path):
-    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2], when: {model.name: resnet8}}\n"
+    text = BASE + "space:\n  stage1.lr: {uniform: [0.01, 0.2], when: {model.name: resnet8}}\n"
     sp = load_search_space(write(tmp_path, text))
-    trial = FixedTrial({"posthoc.tau": 0.5})
+    trial = FixedTrial({"stage1.lr": 0.05})
     suggest(trial, sp.space, flat(sp.base))
-    assert trial.params == {"posthoc.tau": 0.5}
+    assert trial.params == {"stage1.lr": 0.05}
     other = with_overrides(sp.base, {"model.name": "resnet20"})
-    trial = FixedTrial({"posthoc.tau": 0.5})
+    trial = FixedTrial({"stage1.lr": 0.05})
     suggest(trial, sp.space, flat(other))
     assert trial.params == {}
 
@@ -323,7 +327,7 @@ def test_sample_keys_by_phase(tmp_path):
 
 
 def test_staged_mode_with_only_posthoc_keys_is_accepted(tmp_path):
-    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {mode: staged}\n"
+    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {mode: staged, metric: tau_val_acc}\n"
     sp = load_search_space(write(tmp_path, text))
     assert sp.sample_keys("stage2") == ["posthoc.tau"] and sp.sample_keys("stage1") == []
 
@@ -331,7 +335,7 @@ def test_staged_mode_with_only_posthoc_keys_is_accepted(tmp_path):
 # ---------------------------------------------------------------- the repository's search spaces
 
 @pytest.mark.parametrize("path", SPACE_FILES or [pytest.param(None, marks=pytest.mark.skip(
-    reason="search_spaces/ holds no *.yaml file"))], ids=lambda p: p.name if p else "none")
+    reason="search_spaces/ holds no *.yaml file"))], ids=lambda p: str(p.relative_to(REPO)) if p else "none")
 def test_repository_search_space_validates(path):
     sp = load_search_space(path)
     assert sp.space
@@ -344,3 +348,79 @@ def test_repository_search_space_validates(path):
     study.optimize(lambda trial: suggest(trial, sp.space, base) or 0.0, n_trials=10)
     for t in study.trials:
         with_overrides(sp.base, t.params, source=f"{path.name} trial {t.number}")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_repository_experiment_config_validates(path):
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+# ---------------------------------------------------------------- every searched key can move the objective
+
+def test_tau_cannot_be_searched_on_a_plain_metric(tmp_path):
+    """Post-hoc tau changes only the tau_* metrics: on val_acc it is a dimension of pure noise."""
+    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {metric: val_acc}\n"
+    msg = expect_error(tmp_path, text, "space.posthoc.tau", "val_acc", "tau_val_acc")
+    assert msg.count("\n") == 0
+
+
+def test_tau_counts_when_any_objective_is_a_tau_metric(tmp_path):
+    text = BASE + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {metric: [val_acc, tau_val_acc_few]}\n"
+    assert load_search_space(write(tmp_path, text)).space["posthoc.tau"].uniform == (0, 2)
+
+
+def test_stage2_key_with_stage2_disabled_is_refused(tmp_path):
+    text = BASE.replace("stage2: {epochs: 1}", "stage2: {enabled: false}") + \
+        "space:\n  stage2.weight_decay: {loguniform: [1.0e-3, 1.0]}\n"
+    expect_error(tmp_path, text, "space.stage2.weight_decay", "stage2.enabled: true", "False")
+
+
+def test_stage2_key_is_accepted_when_stage2_enabled_is_searched(tmp_path):
+    text = BASE.replace("stage2: {epochs: 1}", "stage2: {enabled: false}") + \
+        "space:\n  stage2.enabled: {choice: [false, true]}\n  stage2.weight_decay: {loguniform: [1.0e-3, 1.0]}\n"
+    assert "stage2.weight_decay" in load_search_space(write(tmp_path, text)).space
+
+
+def test_nbn_option_without_nbn_is_refused(tmp_path):
+    text = BASE + "space:\n  model.nbn_all_bn: {choice: [false, true]}\n"
+    expect_error(tmp_path, text, "space.model.nbn_all_bn", "model.nbn: true")
+    text = BASE + "space:\n  model.nbn: {choice: [false, true]}\n" \
+                  "  model.nbn_all_bn: {choice: [false, true], when: {model.nbn: false}}\n"
+    expect_error(tmp_path, text, "space.model.nbn_all_bn", "model.nbn: true")
+
+
+def test_loss_parameters_need_their_loss(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage2.focal_gamma: {uniform: [0, 2]}\n", "space.stage2.focal_gamma",
+                 "cb_focal")
+    text = BASE.replace("stage2: {epochs: 1}", "stage2: {epochs: 1, loss: ce}") + \
+        "space:\n  stage2.beta: {choice: [0.9, 0.99]}\n"
+    expect_error(tmp_path, text, "space.stage2.beta", "class-balanced")
+    text = BASE + "space:\n  stage2.loss: {choice: [ce, cb_focal]}\n  stage2.focal_gamma: {uniform: [0, 2]}\n"
+    assert "stage2.focal_gamma" in load_search_space(write(tmp_path, text)).space
+
+
+def test_staged_mode_refuses_update_bn_stats(tmp_path):
+    """Bug: staged mode silently ignored stage2.update_bn_stats (features are cached from a frozen backbone)."""
+    text = BASE + "space:\n  stage2.update_bn_stats: {choice: [false, true]}\nsearch: {mode: staged}\n"
+    expect_error(tmp_path, text, "stage2.update_bn_stats", "staged")
+    text = BASE.replace("stage2: {epochs: 1}", "stage2: {epochs: 1, update_bn_stats: true}") + \
+        "space:\n  stage2.weight_decay: {loguniform: [1.0e-3, 1.0]}\nsearch: {mode: staged}\n"
+    expect_error(tmp_path, text, "stage2.update_bn_stats", "joint")
+
+
+def test_validation_metric_without_a_validation_set_is_refused(tmp_path):
+    text = BASE.replace("imbalance_factor: 100}", "imbalance_factor: 100, val_per_class: 0}") + \
+        "space:\n  stage1.lr: {uniform: [0.01, 0.2]}\n"
+    expect_error(tmp_path, text, "search.metric", "val_acc", "val_per_class is 0")
+    text += "search: {metric: train_loss, direction: min}\n"
+    assert load_search_space(write(tmp_path, text)).search.metrics == ["train_loss"]
+
+
+def test_max_epochs_covers_the_longest_sampled_schedule(tmp_path):
+    """Bug: with stage1.epochs searched, ASHA's max_t was the base schedule's length."""
+    sp = load_search_space(write(tmp_path, BASE + "space:\n  stage1.epochs: {int: [1, 9]}\n"))
+    assert sp.max_epochs() == 9 + 1 and sp.max_epochs("stage1") == 9
+    text = BASE.replace("stage2: {epochs: 1}", "stage2: {enabled: false}") + \
+        "space:\n  stage2.enabled: {choice: [false, true]}\n  stage2.epochs: {choice: [3, 5]}\n"
+    assert load_search_space(write(tmp_path, text)).max_epochs() == 2 + 5
+    assert load_search_space(write(tmp_path, VALID)).max_epochs() == 3

@@ -1,0 +1,101 @@
+"""Tune trials: one configuration trained by `ltsearch.train`, reporting one result per epoch.
+
+A trial with one worker runs the trainer inside the Tune trial process (no separate worker group: it saves
+Ray Train's 20-30 s start-up per trial), and Tune reuses that process for the next trial; with several
+workers it launches a `TorchTrainer` (DDP over gloo on CPU or NCCL on GPU) whose rank-0 reports reach Tune
+through `TuneReportCallback`. Metrics are reduced across ranks inside the trainer before reporting. Every
+result carries `total_epochs`, the epochs the trial's configuration plans, so the searcher and the result
+table can tell a trial stopped early from one that completed.
+"""
+from __future__ import annotations
+
+import logging
+
+from ray import tune
+
+from ..config import ExperimentConfig, with_overrides
+from ..space import SearchSettings
+from ..train import TrainingDiverged, train
+from .results import planned_epochs
+
+__all__ = ["trial"]
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+
+def _train_and_report(config: ExperimentConfig, report, checkpoint, metrics: list[str]) -> None:
+    """Run `train`, resuming from `checkpoint` (a Ray checkpoint or None). A diverged run ends with one
+    last result carrying the reason in `diverged` and NaN objectives: the trial stops, the search goes on,
+    and Optuna records the trial as failed instead of Tune retrying a deterministic failure."""
+    total = planned_epochs(config)
+
+    def report_epoch(result: dict, checkpoint_dir: str | None) -> None:
+        report({**_scalars(result), "total_epochs": total}, checkpoint_dir)
+
+    try:
+        if checkpoint is None:
+            train(config, report=report_epoch)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                train(config, report=report_epoch, resume_from=resume_dir)
+    except TrainingDiverged as err:
+        report_epoch({"epoch": err.epoch, "diverged": str(err), **{m: float("nan") for m in metrics}}, None)
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train worker: one DDP rank of a trial."""
+    import ray.train
+
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    if config.trainer.device != "cpu":
+        import torch
+
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    _train_and_report(config, report, ray.train.get_checkpoint(), loop_config["metrics"])
+
+
+def trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage: str) -> None:
+    """Tune function trainable: the configuration `base` + `sampled`, one result per epoch.
+
+    `worker` holds the resolved resources of one worker ({"CPU": n, "GPU": g})."""
+    for noisy in ("ray.train", "ray.tune"):  # one "Checkpoint successfully created" line per epoch otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = SearchSettings.model_validate(settings)
+    config = with_overrides(ExperimentConfig.model_validate(base), sampled)
+    r, use_gpu = settings.resources, worker["GPU"] > 0
+    if config.trainer.num_threads is None:
+        config = with_overrides(config, {"trainer.num_threads": max(1, int(worker["CPU"]))})
+    if not use_gpu and config.trainer.device == "auto":
+        config = with_overrides(config, {"trainer.device": "cpu"})
+    if r.num_workers == 1:
+        def report(metrics: dict, checkpoint_dir: str | None) -> None:
+            checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            tune.report(metrics, checkpoint=checkpoint)
+
+        _train_and_report(config, report, tune.get_checkpoint(), settings.metrics)
+        return
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config.model_dump(), "metrics": settings.metrics},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={k: v for k, v in worker.items() if v}),
+        run_config=RunConfig(name=tune.get_context().get_trial_id(), storage_path=train_storage,
+                             callbacks=[TuneReportCallback()],
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=settings.max_failures)),
+    )
+    trainer.fit()

@@ -1,0 +1,161 @@
+"""A Tune experiment of `trials`: Optuna (TPE, NSGA-II or random) suggests, ASHA stops early, and the
+Optuna study in `optuna.db` records each trial as it ended: COMPLETE, PRUNED (stopped by ASHA, with its
+per-epoch intermediate values) or FAIL (diverged or errored)."""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from ..config import ExperimentConfig, with_overrides
+from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
+from .resources import trial_resources
+from .results import planned_epochs, trial_row
+from .trials import trial
+
+__all__ = ["make_sampler", "results_table", "run_phase", "study_storage"]
+
+_Finished = optuna.exceptions.UpdateFinishedTrialError
+
+
+def study_storage(exp: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
+
+
+class _LtOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, with three corrections.
+
+    - A trial ASHA stopped is told PRUNED (Ray tells it COMPLETE with its partial value, which misleads
+      TPE and the parameter importances); a diverged trial is told FAIL. Both are read from the trial's
+      last result: `epoch` below `total_epochs`, or a `diverged` reason.
+    - Intermediate values are reported at the global `epoch`, not at Tune's `training_iteration`, which a
+      trial restarted from its checkpoint counts again from 1.
+    - The SQLite study can be ahead of Tune's saved searcher state after a hard kill of the driver (the
+      study commits every ask and tell at once, Tune saves the searcher every few seconds). On restore,
+      trials the study started that Tune never recorded are failed (Tune will not run them), and late
+      reports for trials the study already finished are dropped instead of crashing.
+    """
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for ot_trial in self._ot_study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            if ot_trial.number not in known:
+                self._ot_study.tell(ot_trial.number, state=optuna.trial.TrialState.FAIL)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return  # Optuna keeps no intermediate values for several objectives
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        try:
+            self._ot_trials[trial_id].report(value, int(result["epoch"]))
+        except _Finished:
+            pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        state = None
+        if result and not error and trial_id not in self._completed_trials and trial_id in self._ot_trials:
+            if result.get("diverged"):
+                state = optuna.trial.TrialState.FAIL
+            elif result.get("epoch", 0) < result.get("total_epochs", 0):
+                state = optuna.trial.TrialState.PRUNED
+        try:
+            if state is None:
+                super().on_trial_complete(trial_id, result, error)
+                return
+            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        except _Finished:
+            pass
+        self._completed_trials.add(trial_id)
+
+
+def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
+    s = settings.sampler
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.type == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                      multivariate=True, group=True)
+
+
+def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
+              base: ExperimentConfig, num_samples: int, max_epochs: int, cluster: dict,
+              resume: bool) -> tune.ResultGrid:
+    """One Tune experiment `exp/phase` of trials searching `space` on top of `base`; ASHA's horizon is
+    `max_epochs`, the most epochs any sampled configuration can plan."""
+    settings = spec.search
+    worker, concurrent = trial_resources(settings, cluster)
+    trainable = tune.with_parameters(trial, base=base.model_dump(), settings=settings.model_dump(),
+                                     worker=worker, train_storage=str(exp / "train"))
+    # Several workers: Train's worker group holds the resources and the trial driver a token.
+    request = worker if settings.resources.num_workers == 1 else {"CPU": 0, "memory": 2**20}
+    trainable = tune.with_resources(trainable, {k.lower(): v for k, v in request.items() if v or k == "CPU"})
+    phase_path = exp / phase
+    if resume and tune.Tuner.can_restore(str(phase_path)):
+        return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
+
+    multi = len(settings.metrics) > 1
+    searcher = _LtOptunaSearch(
+        space=functools.partial(suggest, space=space, base=flat_config(base)),  # picklable: Tune saves it
+        metric=settings.metrics if multi else settings.metrics[0],
+        mode=settings.directions if multi else settings.directions[0],
+        sampler=make_sampler(settings), study_name=phase, storage=study_storage(exp))
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=settings.metrics[0], mode=settings.directions[0],
+                               max_t=max_epochs, grace_period=settings.scheduler.grace_period,
+                               reduction_factor=settings.scheduler.reduction_factor)
+                 if settings.scheduler.enabled else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable,
+        # reuse_actors: a finished one-worker trial's process runs the next trial, which then skips a process
+        # start and the imports of torch, Ray Tune, Optuna and pandas (~4 s a trial, docs/benchmarks.md,
+        # benchmark 2). Not for multi-worker trials: Tune's reset waits only 2 s for the trial's thread,
+        # and a TorchTrainer still shutting its worker group down makes the next trial fail instead.
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=concurrent,
+                                    reuse_actors=settings.resources.num_workers == 1),
+        run_config=tune.RunConfig(
+            name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, list(space)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+    )
+    return tuner.fit()
+
+
+def _reporter(settings: SearchSettings, keys: list[str]) -> tune.CLIReporter:
+    """A compact status table every 30 s: sampled values, epoch and the searched metrics."""
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", **{m: m for m in settings.metrics}, "test_acc": "test_acc"},
+        parameter_columns={k: k.replace("stage1.", "s1.").replace("stage2.", "s2.") for k in keys},
+        max_report_frequency=30, print_intermediate_tables=True, sort_by_metric=False, max_progress_rows=30)
+
+
+def results_table(grid: tune.ResultGrid, settings: SearchSettings, keys: list[str],
+                  base: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per trial, one row per trial and epoch) from a finished Tune experiment."""
+    rows, history = [], []
+    pruner = "ASHA" if settings.scheduler.enabled else None
+    for result in grid:
+        trial_id = Path(result.path).name if result.path else None
+        trial_id = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
+        frame = result.metrics_dataframe
+        if frame is not None and len(frame):
+            frame = frame.sort_values("epoch").drop_duplicates("epoch", keep="last")
+            history.append(frame)
+        values = {key: result.config.get(key) for key in keys}
+        planned = planned_epochs(with_overrides(base, {k: v for k, v in values.items() if v is not None}))
+        error = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else None
+        row = trial_row(trial_id, values, frame, error, settings, planned, pruner)
+        if frame is not None and len(frame):
+            row["checkpoint"] = (result.checkpoint.path if result.checkpoint
+                                 else frame.iloc[-1].get("checkpoint_path"))
+        rows.append(row)
+    return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())

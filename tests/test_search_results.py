@@ -1,0 +1,95 @@
+"""Tests of ltsearch.search.results: result rows, stop reasons and ranking, on hand-made frames."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from ltsearch.config import ExperimentConfig
+from ltsearch.search.results import best_row, planned_epochs, rank_trials, sampled_values, trial_row
+from ltsearch.space import SearchSettings
+
+MAX = SearchSettings()
+MIN_LOSS = SearchSettings(metric="train_loss", direction="min")
+
+
+def frame(val_accs, **extra) -> pd.DataFrame:
+    rows = [{"epoch": e + 1, "val_acc": v, "test_acc": 10.0 * (e + 1), "train_loss": 1.0 / (e + 1)}
+            for e, v in enumerate(val_accs)]
+    return pd.DataFrame(rows).assign(**extra)
+
+
+def test_planned_epochs_counts_stage2_only_when_enabled():
+    config = ExperimentConfig.model_validate({"stage1": {"epochs": 7}, "stage2": {"epochs": 3}})
+    assert planned_epochs(config) == 10
+    off = ExperimentConfig.model_validate({"stage1": {"epochs": 7}, "stage2": {"enabled": False, "epochs": 3}})
+    assert planned_epochs(off) == 7
+
+
+def test_row_has_final_and_best_by_validation_metrics():
+    row = trial_row("t1", {"stage1.lr": 0.1}, frame([50.0, 70.0, 60.0]), None, MAX, planned=3, pruner="ASHA")
+    assert row["final_val_acc"] == 60.0 and row["final_test_acc"] == 30.0
+    assert row["best_epoch"] == 2 and row["best_val_acc"] == 70.0 and row["best_test_acc"] == 20.0
+    assert row["objective"] == 60.0 and row["stop_reason"] == "completed" and row["stage1.lr"] == 0.1
+
+
+def test_stop_reason_is_judged_against_the_trials_own_schedule():
+    """Bug: with stage1.epochs searched, a 3-epoch trial that finished was 'stopped early' against the
+    space's longest schedule."""
+    short = trial_row("t", {}, frame([1.0, 2.0, 3.0]), None, MAX, planned=3, pruner="ASHA")
+    assert short["stop_reason"] == "completed"
+    stopped = trial_row("t", {}, frame([1.0, 2.0]), None, MAX, planned=6, pruner="ASHA")
+    assert stopped["stop_reason"] == "stopped early by ASHA at epoch 2"
+
+
+def test_rows_of_a_phase_without_early_stopping_never_blame_asha():
+    """Bug: staged mode's stage-2 rows read 'stopped early by ASHA' although that phase has no ASHA."""
+    row = trial_row("stage2_00001", {}, frame([1.0]), None, MAX, planned=2, pruner=None)
+    assert "ASHA" not in row["stop_reason"] and row["stop_reason"] == "incomplete: 1 of 2 epochs"
+
+
+def test_error_and_divergence_rows():
+    error = trial_row("t", {}, None, "RuntimeError: boom", MAX, planned=3, pruner="ASHA")
+    assert error["status"] == "ERROR" and error["stop_reason"] == "RuntimeError: boom" and error["epochs"] == 0
+    diverged = frame([math.nan], diverged=["stage 1 epoch 1: training loss is nan"])
+    row = trial_row("t", {}, diverged, None, MAX, planned=3, pruner="ASHA")
+    assert row["stop_reason"] == "diverged: stage 1 epoch 1: training loss is nan"
+
+
+def test_without_a_validation_set_the_best_epoch_is_the_last():
+    """Bug (staged mode): with no validation set the row had no best_* values and ranking stage 1 failed."""
+    no_val = frame([0.0, 0.0]).drop(columns="val_acc")
+    row = trial_row("t", {}, no_val, None, MIN_LOSS, planned=2, pruner="ASHA")
+    assert row["best_epoch"] == 2 and row["best_train_loss"] == 0.5
+
+
+def table() -> pd.DataFrame:
+    return pd.DataFrame([
+        {"trial_id": "a", "status": "TERMINATED", "epochs": 4, "final_val_acc": 60.0, "best_val_acc": 70.0,
+         "final_train_loss": 0.5, "best_train_loss": 0.9},
+        {"trial_id": "b", "status": "TERMINATED", "epochs": 4, "final_val_acc": 65.0, "best_val_acc": 66.0,
+         "final_train_loss": 0.2, "best_train_loss": 0.1},
+        {"trial_id": "c", "status": "ERROR", "epochs": 1, "final_val_acc": 99.0, "best_val_acc": 99.0,
+         "final_train_loss": 0.0, "best_train_loss": 0.0},
+        {"trial_id": "d", "status": "TERMINATED", "epochs": 2, "final_val_acc": math.nan,
+         "best_val_acc": math.nan, "final_train_loss": math.nan, "best_train_loss": math.nan},
+    ])
+
+
+def test_ranking_follows_the_metric_the_direction_and_the_column():
+    """Bug: staged mode picked its stage-1 parents by best_val_acc whatever the configured metric."""
+    assert list(rank_trials(table(), MAX)["trial_id"]) == ["b", "a"]
+    assert list(rank_trials(table(), MAX, "best")["trial_id"]) == ["a", "b"]
+    assert list(rank_trials(table(), MIN_LOSS, "best")["trial_id"]) == ["b", "a"]
+
+
+def test_best_row_is_a_stage2_row_in_staged_mode():
+    staged = table().assign(phase=["stage1", "stage2", "stage2", "stage1"])
+    assert best_row(staged, MAX)["trial_id"] == "b"
+    assert best_row(table().iloc[2:], MAX) is None
+
+
+def test_sampled_values_skip_keys_a_condition_left_out():
+    row = pd.Series({"stage1.lr": 0.1, "model.nbn_all_bn": math.nan})
+    assert sampled_values(row, ["stage1.lr", "model.nbn_all_bn", "absent"]) == {"stage1.lr": pytest.approx(0.1)}
