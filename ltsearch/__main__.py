@@ -40,11 +40,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .analysis import write_report
+    from .analysis import NoSuccessfulTrialError, write_report
 
     try:
         write_report(args.experiment, png=not args.no_png)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NoSuccessfulTrialError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ import html
 import json
 import math
 import os
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -240,9 +241,57 @@ def test_report_without_chromium_says_how_to_get_pngs(handmade, monkeypatch, cap
     assert not list((handmade / "figures").glob("*.png"))
 
 
+class _TableContainers(HTMLParser):
+    """The inline styles of the elements around each `table.trials` of a page, innermost first."""
+
+    def __init__(self):
+        super().__init__()
+        self.open: list[tuple[str, str]] = []
+        self.found: list[list[str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "trials" in (attrs.get("class") or "").split():
+            self.found.append([style for _, style in reversed(self.open)])
+        self.open.append((tag, (attrs.get("style") or "").replace(" ", "")))
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()[0] != tag:
+            pass
+
+
+def test_report_top_trials_table_scrolls_sideways(handmade, capsys):
+    """The table is wider than the page at 1400 px: it scrolls in its own box instead of being cut off."""
+    assert main(["report", str(handmade), "--no-png"]) == 0
+    parser = _TableContainers()
+    parser.feed((handmade / "report.html").read_text())
+    assert len(parser.found) == 1
+    assert any("overflow-x:auto" in style for style in parser.found[0])
+
+
 def test_report_of_a_folder_that_is_no_experiment(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("results", [
+    ("trial_id,stage1.weight_decay,epochs,objective,status,stop_reason\n"
+     "aaaa0001,0.01,0,,ERROR,RuntimeError: boom\naaaa0002,0.001,0,,ERROR,RuntimeError: boom\n"),
+    "\n",  # what the search writes when no trial ran (an empty table)
+], ids=["every-trial-failed", "no-trial"])
+def test_report_of_an_experiment_without_a_successful_trial(tmp_path, capsys, results):
+    exp = tmp_path / "failed"
+    exp.mkdir()
+    (exp / "space.yaml").write_text(yaml.safe_dump({
+        "base": {"stage1": {"epochs": 3}}, "space": {"stage1.weight_decay": {"loguniform": [1e-5, 1e-1]}},
+        "search": {"metric": "val_acc", "direction": "max"}}))
+    (exp / "results.csv").write_text(results)
+    (exp / "history.csv").write_text("\n")
+    (exp / "summary.json").write_text(json.dumps({"experiment": str(exp), "num_trials": 2}))
+    assert main(["report", str(exp), "--no-png"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(exp) in err and "no successful trial" in err
+    assert not (exp / "report.html").exists()
 
 
 # ---------------------------------------------------------------------------- end to end

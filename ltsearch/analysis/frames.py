@@ -1,0 +1,171 @@
+"""Tidy pandas frames of an `Experiment`, one per question the report asks; no plotting here.
+
+Accuracies are percentages of the TEST split by default (the search selected on validation; test is what
+it reports). Groups a dataset does not have, such as few-shot classes in CIFAR-10-LT, are missing, never 0.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .experiment import Experiment, class_sizes, load_state
+
+__all__ = [
+    "GROUPS", "accuracy_frame", "group_column", "importance_frame", "naive_baseline_trial", "pareto_frame",
+    "per_class_frame", "progress_frame", "survival_frame", "tail_pair", "top_trials",
+]
+
+GROUPS = ("overall", "many", "medium", "few", "head", "middle", "tail")
+
+
+def group_column(split: str, group: str) -> str:
+    """The results.csv column of a trial's final accuracy in a group: final_test_acc, final_test_acc_few."""
+    return f"final_{split}_acc" + ("" if group == "overall" else f"_{group}")
+
+
+def tail_pair(rows: pd.DataFrame, split: str) -> tuple[str, str]:
+    """(many, few) when the dataset has both groups, else (head, tail): CIFAR-10-LT has no few-shot class."""
+    columns = (group_column(split, "many"), group_column(split, "few"))
+    both = all(c in rows and rows[c].notna().any() for c in columns)
+    return ("many", "few") if both else ("head", "tail")
+
+
+def accuracy_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
+    """One row per trial and accuracy group (overall, many, ..., tail): its sampled values, outcome and
+    final `split` accuracy (%). A group with no value (absent from the dataset) has no row."""
+    columns = {group_column(split, g): g for g in GROUPS if group_column(split, g) in exp.results}
+    ids = ["trial_id", *[c for c in ("phase", "outcome") if c in exp.results], *exp.space]
+    frame = exp.results.melt(id_vars=[c for c in ids if c in exp.results], value_vars=list(columns),
+                             var_name="group", value_name="accuracy")
+    frame["group"] = frame["group"].map(columns)
+    return frame.dropna(subset=["accuracy"]).reset_index(drop=True)
+
+
+def top_trials(exp: Experiment, n: int = 10, split: str = "test") -> pd.DataFrame:
+    """The `n` best trials by the search objective (validation), with their test accuracies."""
+    rows = exp.final_rows()
+    rows = rows.sort_values("objective", ascending=exp.directions[0] == "min", na_position="last")
+    _, tail = tail_pair(rows, split)
+    columns = ["trial_id", *[c for c in ("phase", "stage1_trial") if c in rows], *exp.space, "objective",
+               "final_val_acc", f"final_{split}_acc", group_column(split, tail), "epochs", "outcome"]
+    return rows[[c for c in dict.fromkeys(columns) if c in rows]].head(n).reset_index(drop=True)
+
+
+def pareto_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
+    """Per trial: head-side and tail-side accuracy (many/few, or head/tail) and whether it is on their
+    Pareto front (no other trial at least as good on both and better on one)."""
+    rows = exp.final_rows()
+    head, tail = tail_pair(rows, split)
+    frame = pd.DataFrame({"trial_id": rows["trial_id"], "outcome": rows["outcome"],
+                          "head_group": head, "tail_group": tail,
+                          "head_accuracy": rows[group_column(split, head)],
+                          "tail_accuracy": rows[group_column(split, tail)]}).dropna()
+    a, b = frame["head_accuracy"].to_numpy(), frame["tail_accuracy"].to_numpy()
+    dominated = [((a >= a[i]) & (b >= b[i]) & ((a > a[i]) | (b > b[i]))).any() for i in range(len(frame))]
+    return frame.assign(on_front=~np.array(dominated, dtype=bool)).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- per class
+
+
+def naive_baseline_trial(exp: Experiment) -> str | None:
+    """The trial with the smallest stage-1 weight decay (0 included) among those that finished stage 1,
+    when stage-1 weight decay was searched: the 'no weight balancing' reference."""
+    if "stage1.weight_decay" not in exp.space:
+        return None
+    rows = exp.rows_sampling("stage1.weight_decay").dropna(subset=["stage1.weight_decay", "checkpoint"])
+    finished = rows[rows["epochs"] >= exp.stage1_epochs]
+    rows = finished if len(finished) else rows
+    return None if rows.empty else str(rows.loc[rows["stage1.weight_decay"].idxmin(), "trial_id"])
+
+
+def per_class_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
+    """One row per model and class: `split` accuracy (%) and classifier weight norm against class size.
+
+    Models, each at its best-by-validation epoch: the best trial after stage 1 and (when it ran) after
+    stage 2, and the naive baseline's stage 1 (`naive_baseline_trial`) unless that is the same checkpoint
+    (in a staged search the best trial's stage-1 parent can be the baseline).
+    A staged search keeps no stage-2 model: its best trial shows its stage-1 parent only."""
+    if exp.best_trial is None:
+        raise ValueError(f"{exp.path}: summary.json names no best trial")
+    models: list[tuple[str, str, dict, int]] = []
+    baseline, best_checkpoint = naive_baseline_trial(exp), exp.checkpoint_dir(exp.best_trial)
+    if baseline is not None and exp.checkpoint_dir(baseline) != best_checkpoint:
+        wd = exp.results.set_index("trial_id").at[baseline, "stage1.weight_decay"]
+        models.append((f"naive baseline (smallest stage-1 WD, {wd:.1e}): stage 1", baseline,
+                       load_state(exp.checkpoint_dir(baseline)), 1))
+    best_state = load_state(best_checkpoint)
+    for stage in sorted(best_state["best"]):
+        label = f"best trial: {'stage 1' if stage == 1 else 'after stage 2'}"
+        models.append((label, exp.best_trial, best_state, stage))
+    frames = []
+    for label, trial_id, state, stage in models:
+        metrics = state["best"][stage]["metrics"]
+        counts, names = class_sizes(state)
+        frames.append(pd.DataFrame({
+            "model": label, "trial_id": trial_id, "stage": stage, "epoch": metrics["epoch"],
+            "class_index": range(len(counts)), "class_name": names, "class_size": counts,
+            "accuracy": pd.array(metrics[f"{split}_per_class_acc"], dtype="Float64").astype(float),
+            "classifier_norm": metrics["classifier_norms"]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- the search itself
+
+
+def progress_frame(exp: Experiment) -> pd.DataFrame:
+    """Every reported epoch in time order, with cumulative training epochs (all trials), wall-clock seconds
+    since the search started, the objective value and its best value so far (over every epoch any trial
+    reported, as ASHA and Optuna saw them)."""
+    metric = exp.objective
+    frame = exp.history.dropna(subset=[metric]).sort_values(["timestamp", "time_total_s"], kind="stable")
+    start = (frame["timestamp"] - frame["time_total_s"]).min()
+    best_so_far = frame[metric].cummax() if exp.directions[0] == "max" else frame[metric].cummin()
+    return pd.DataFrame({
+        "trial_id": frame["trial_id"], "epoch": frame["epoch"],
+        "cumulative_epochs": np.arange(1, len(frame) + 1),
+        "wall_time_s": frame["timestamp"] - start, "value": frame[metric], "best_so_far": best_so_far,
+    }).reset_index(drop=True)
+
+
+def survival_frame(exp: Experiment) -> pd.DataFrame:
+    """Trials still running at each epoch (ASHA rung survival), per phase in a staged search."""
+    rows = exp.results.assign(phase=exp.results.get("phase", "search"))
+    frames = []
+    for phase, group in rows.groupby("phase", sort=False):
+        epochs = np.arange(1, int(group["epochs"].max()) + 1)
+        frames.append(pd.DataFrame({"phase": phase, "epoch": epochs,
+                                    "trials": [(group["epochs"] >= e).sum() for e in epochs]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def importance_frame(exp: Experiment) -> pd.DataFrame:
+    """Parameter importances of each Optuna study in optuna.db by Optuna's default evaluator (PED-ANOVA,
+    as in optuna-dashboard; no scikit-learn): for the objective, or for reaching the Pareto front of a
+    multi-objective study. ASHA-stopped trials count with the value they were stopped at.
+
+    A study Optuna cannot evaluate (too few completed trials) gets one row with a `note` and no parameter."""
+    import optuna  # deferred: ~0.5 s, only this frame needs it
+
+    columns = ["study", "parameter", "importance", "note"]
+    if not (exp.path / "optuna.db").is_file():
+        return pd.DataFrame([{"study": "-", "note": f"no optuna.db in {exp.path}"}], columns=columns)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{exp.path / 'optuna.db'}"
+    rows: list[dict[str, Any]] = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        name = summary.study_name + (" (Pareto front)" if len(study.directions) > 1 else "")
+        with warnings.catch_warnings(record=True) as caught:  # too few trials: a warning and equal values
+            warnings.simplefilter("always")
+            importances = optuna.importance.get_param_importances(study) if summary.n_trials else {}
+        equal = [str(w.message) for w in caught if "will be equal" in str(w.message)]
+        if equal or not importances:
+            rows.append({"study": name, "note": f"{name}: {summary.n_trials} trial(s); "
+                                                + (equal[0] if equal else "no completed trial")})
+        else:
+            rows += [{"study": name, "parameter": p, "importance": v} for p, v in importances.items()]
+    return pd.DataFrame(rows, columns=columns)

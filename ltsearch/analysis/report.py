@@ -1,0 +1,126 @@
+"""The report of a finished search: one self-contained HTML page (plotly.js embedded once) with the top
+trials, the best configuration and every figure, plus the figures as PNGs when kaleido finds a Chromium."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+import yaml
+
+from ..files import atomic_write_text
+from ..metrics import is_missing
+from .experiment import Experiment, load_experiment
+from .figures import (
+    accuracy_figures,
+    importance_figure,
+    parallel_coordinates_figure,
+    pareto_figure,
+    per_class_figures,
+    progress_figure,
+    survival_figure,
+)
+from .frames import top_trials
+
+__all__ = ["NoSuccessfulTrialError", "all_figures", "write_report"]
+
+
+class NoSuccessfulTrialError(ValueError):
+    """No trial reported the objective (every trial failed, or none ran): there is nothing to plot."""
+
+
+def all_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figure]:
+    """Every figure of the report, by file name stem. The per-class figures are left out, with a printed
+    line, when the folder lacks what they need (pruned checkpoints, data no longer at its path)."""
+    figures = accuracy_figures(exp, split)
+    try:
+        figures.update(per_class_figures(exp, split))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"per-class figures skipped: {err}")
+    figures.update(search_progress=progress_figure(exp), asha_survival=survival_figure(exp),
+                   parallel_coordinates=parallel_coordinates_figure(exp, split),
+                   param_importances=importance_figure(exp), pareto=pareto_figure(exp, split))
+    return figures
+
+
+def _check_successful(exp: Experiment) -> None:
+    rows = exp.final_rows()
+    if rows["objective"].notna().any():
+        return
+    if rows.empty:
+        raise NoSuccessfulTrialError(f"{exp.path}: no successful trial to report: results.csv lists no trial")
+    failed = int((rows["status"] == "ERROR").sum())
+    raise NoSuccessfulTrialError(
+        f"{exp.path}: no successful trial to report: none of its {len(rows)} trial(s) reported "
+        f"{exp.objective} ({failed} ended with status ERROR; results.csv gives their stop_reason)")
+
+
+def _table_html(exp: Experiment, table: pd.DataFrame) -> str:
+    formatted = table.copy()
+    for column in formatted.columns:
+        if column in exp.space and exp.space[column]["kind"] == "loguniform":
+            formatted[column] = formatted[column].map(lambda v: "" if is_missing(v) else f"{v:.2e}")
+        elif pd.api.types.is_float_dtype(formatted[column]):  # accuracies keep 2 decimals: 28.49 vs 28.47
+            digits = 3 if column in exp.space else 4
+            formatted[column] = formatted[column].map(lambda v, d=digits: "" if is_missing(v) else f"{v:.{d}g}")
+    labels = {"objective": f"objective: {exp.objective}"}
+    return formatted.rename(columns=labels).to_html(index=False, border=0, classes="trials")
+
+
+def write_report(path: str | Path, png: bool = True) -> Path:
+    """Write `path/report.html` (self-contained: plotly.js embedded once) and, when kaleido finds a Chromium,
+    `path/figures/*.png`. Returns the report's path. Raises NoSuccessfulTrialError when no trial reported
+    the objective."""
+    exp = load_experiment(path)
+    _check_successful(exp)
+    figures = all_figures(exp)
+    titles = {name: fig.layout.title.text for name, fig in figures.items()}
+    parts = []
+    for i, (name, fig) in enumerate(figures.items()):
+        div = pio.to_html(fig, full_html=False, include_plotlyjs=i == 0, div_id=name,
+                          config={"displaylogo": False})
+        parts.append(f'<section id="{name}-section">{div}</section>')
+    summary = exp.summary
+    contents = "".join(f'<li><a href="#{n}-section">{html.escape(t)}</a></li>' for n, t in titles.items())
+    best_config = yaml.safe_dump(exp.best_config, sort_keys=False) if exp.best_config else "(no best trial)"
+    # the table has a column per searched key: wider than the page, it scrolls in its own box
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ltsearch report: {html.escape(exp.name)}</title>
+<style>body{{font-family:sans-serif;font-size:15px;max-width:1260px;margin:auto;padding:1em}}
+table.trials{{border-collapse:collapse}} table.trials td, table.trials th{{padding:4px 10px;text-align:right;
+border-bottom:1px solid #ddd}} pre{{background:#f6f6f6;padding:1em}} section{{margin:2em 0}}</style></head>
+<body><h1>ltsearch report: {html.escape(exp.name)}</h1>
+<p>{len(exp.results)} trials in {html.escape(str(exp.path))}; objective {html.escape(", ".join(exp.metrics))}
+({html.escape(", ".join(exp.directions))}), selected on validation; test accuracy is reported, never used to
+select. Search wall time: {summary.get("wall_time_s", float("nan")):.0f} s.</p>
+<h2>Top trials by the search objective</h2>
+<div style="overflow-x: auto">{_table_html(exp, top_trials(exp))}</div>
+<h2>Best configuration (trial {html.escape(str(exp.best_trial))})</h2>
+<pre>{html.escape(best_config)}</pre>
+<h2>Figures</h2><ul>{contents}</ul>
+{"".join(parts)}
+</body></html>
+"""
+    report = exp.path / "report.html"
+    atomic_write_text(report, page)
+    print(f"wrote {report}")
+    if png:
+        _write_pngs(figures, exp.path / "figures")
+    return report
+
+
+def _write_pngs(figures: dict[str, go.Figure], folder: Path) -> None:
+    """PNG export needs kaleido and a Chromium; without them, say how to get them instead of failing."""
+    folder.mkdir(exist_ok=True)
+    files = [folder / f"{name}.png" for name in figures]
+    try:
+        pio.write_images(list(figures.values()), files, width=[f.layout.width for f in figures.values()],
+                         height=[f.layout.height for f in figures.values()])
+    except Exception as err:  # noqa: BLE001 - a missing or broken browser must not fail the report
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"PNGs skipped ({reason}): install Chromium (`apt-get install -y chromium`, or "
+              f"`plotly_get_chrome`) and rerun `python -m ltsearch report {folder.parent}`")
+        return
+    print(f"wrote {len(files)} PNGs to {folder}")
