@@ -314,7 +314,10 @@ def real_search(cifar10_root, tmp_path_factory):
         "stage2.maxnorm_thresh": {"uniform": [0.0, 1.0]},
         "posthoc.tau": {"uniform": [0.0, 2.0]},
     }, search={"num_samples": 4, "scheduler": {"grace_period": 1, "reduction_factor": 2},
-               "sampler": {"type": "random", "seed": 1}, "max_concurrent": 2})
+               "sampler": {"type": "random", "seed": 1}, "max_concurrent": 2,
+               # tau changes only the tau_* metrics: a second objective lets it be searched (a key that can
+               # change no objective is refused); val_acc stays the objective that ranks the trials
+               "metric": ["val_acc", "tau_val_acc"]})
     spec = yaml.safe_load(path.read_text())
     spec["base"]["data"]["n_max"] = 50  # class sizes 50 ... 5: a real long tail (60 images per class on disk)
     path.write_text(yaml.safe_dump(spec))
