@@ -117,3 +117,18 @@ def test_resume_of_a_folder_without_experiment(capsys, tmp_path, cifar10_root):
     (tmp_path / "runs" / "ghost").mkdir(parents=True)
     refused(capsys, [space_file(tmp_path, cifar10_root), "--storage", tmp_path / "runs", "--name", "ghost",
                      "--resume"], "--resume", "ghost", "no ltsearch experiment")
+
+
+def test_resume_with_a_different_space_file_is_refused(capsys, tmp_path, cifar10_root):
+    """Bug: --resume ran whatever file it was given on an experiment started with another one."""
+    from ltsearch.space import load_search_space
+
+    exp = tmp_path / "runs" / "exp"
+    exp.mkdir(parents=True)
+    original = load_search_space(space_file(tmp_path, cifar10_root))
+    (exp / "space.yaml").write_text(yaml.safe_dump(original.model_dump(mode="json"), sort_keys=False))
+    changed = space_file(tmp_path, cifar10_root, space={"stage1.weight_decay": {"loguniform": [1e-3, 1e-1]}})
+    refused(capsys, [changed, "--storage", tmp_path / "runs", "--name", "exp", "--resume"],
+            "--resume", "space.stage1.weight_decay.loguniform", "differs")
+    refused(capsys, [space_file(tmp_path, cifar10_root), "--storage", tmp_path / "runs", "--name", "exp",
+                     "--resume", "--set", "stage1.epochs=2"], "--resume", "base.stage1.epochs")

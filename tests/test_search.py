@@ -42,13 +42,12 @@ def test_search_writes_results_and_asha_stops_trials(local_ray, cifar10_root, tm
     path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=4, stage2_epochs=1, space={
         "stage1.weight_decay": {"loguniform": [1e-4, 1e-1]},
         "stage1.lr": {"choice": [0.05, 3.0]},  # lr 3.0 learns nothing: ASHA has something to stop
-        "posthoc.tau": {"uniform": [0.0, 2.0]},
     }, search={"num_samples": 6, "scheduler": {"grace_period": 1, "reduction_factor": 2},
                "sampler": {"type": "random", "seed": 0}, "max_concurrent": 2})
     result = run_search(load_search_space(path), storage=tmp_path / "runs", name="asha")
     table = pd.read_csv(result.path / "results.csv")
     assert len(table) == 6 and set(table["status"]) == {"TERMINATED"}
-    for column in ("trial_id", "stage1.weight_decay", "stage1.lr", "posthoc.tau", "final_val_acc", "final_test_acc",
+    for column in ("trial_id", "stage1.weight_decay", "stage1.lr", "final_val_acc", "final_test_acc",
                    "best_val_acc", "best_test_acc_few", "final_val_acc_head", "epochs", "stop_reason", "checkpoint"):
         assert column in table.columns, column
     assert (table["epochs"] < 5).sum() >= 1, table[["epochs", "stop_reason"]]
@@ -64,6 +63,19 @@ def test_search_writes_results_and_asha_stops_trials(local_ray, cifar10_root, tm
     summary = json.loads((result.path / "summary.json").read_text())
     assert summary["best"]["trial_id"] == winner["trial_id"]
     assert (result.path / "optuna.db").exists() and (result.path / "space.yaml").exists()
+    # Optuna records what ASHA stopped as PRUNED, with its per-epoch values; finished trials as COMPLETE.
+    import optuna
+
+    trials = optuna.load_study(study_name="search", storage=f"sqlite:///{result.path / 'optuna.db'}").trials
+    states = sorted(t.state.name for t in trials)
+    assert states == sorted(["PRUNED"] * int((table["epochs"] < 5).sum()) + ["COMPLETE"] * int((table["epochs"] == 5).sum()))
+    for t in trials:  # intermediate values at the global epoch (Tune passes the last result only as final)
+        epochs = sorted(t.intermediate_values)
+        assert epochs and epochs == list(range(1, len(epochs) + 1)), epochs
+        if t.state.name == "PRUNED":  # Optuna keeps the last intermediate value as a pruned trial's value
+            assert len(epochs) < 5 and t.value == t.intermediate_values[epochs[-1]]
+        else:
+            assert t.value is not None and len(epochs) >= 4
 
 
 def test_two_worker_trial_trains_with_ddp(local_ray, cifar10_root, tmp_path):
@@ -90,23 +102,25 @@ def test_staged_multi_objective_search(local_ray, cifar10_root, tmp_path):
         "stage2.weight_decay": {"loguniform": [1e-3, 1.0]},
         "stage2.maxnorm_thresh": {"uniform": [0.0, 1.0]},
         "posthoc.tau": {"uniform": [0.0, 2.0]},
-    }, search={"mode": "staged", "num_samples": 3, "metric": ["val_acc", "val_acc_tail"],
+    }, search={"mode": "staged", "num_samples": 3, "metric": ["tau_val_acc", "tau_val_acc_tail"],
                "direction": ["max", "max"], "staged": {"top_k": 2, "num_samples": 6, "views": 2}})
     result = run_search(load_search_space(path), storage=tmp_path / "runs", name="staged")
     table = pd.read_csv(result.path / "results.csv")
     stage1, stage2 = table[table["phase"] == "stage1"], table[table["phase"] == "stage2"]
     assert len(stage1) == 3 and len(stage2) == 6
-    top2 = set(stage1.sort_values("best_val_acc", ascending=False)["trial_id"].head(2))
+    # parents: the top 2 by the first search metric at their best-by-validation epoch
+    top2 = set(stage1.sort_values(["best_tau_val_acc", "epochs"], ascending=False)["trial_id"].head(2))
     assert set(stage2["stage1_trial"]) <= top2
     parents = stage1.set_index("trial_id")["stage1.weight_decay"]
     assert (stage2["stage1.weight_decay"].to_numpy() == parents[stage2["stage1_trial"]].to_numpy()).all()
-    assert (stage2["epochs"] == 2).all() and stage2["final_val_acc"].notna().all()
+    assert (stage2["epochs"] == 2).all() and stage2["final_tau_val_acc"].notna().all()
+    assert (stage2["stop_reason"] == "completed").all()
     best = yaml.safe_load((result.path / "best_config.yaml").read_text())
-    winner = stage2.loc[stage2["final_val_acc"].idxmax()]
+    winner = stage2.loc[stage2["final_tau_val_acc"].idxmax()]
     assert best["stage2"]["weight_decay"] == pytest.approx(winner["stage2.weight_decay"])
     assert best["stage1"]["weight_decay"] == pytest.approx(winner["stage1.weight_decay"])
     pareto = pd.read_csv(result.path / "pareto.csv")
-    assert set(pareto["study"]) == {"stage1", "stage2"} and {"val_acc", "val_acc_tail"} <= set(pareto.columns)
+    assert set(pareto["study"]) == {"stage1", "stage2"} and {"tau_val_acc", "tau_val_acc_tail"} <= set(pareto.columns)
 
 
 def _feature_cache(num_classes=3, dim=64, n=60, seed=0) -> dict:
@@ -120,7 +134,9 @@ def _feature_cache(num_classes=3, dim=64, n=60, seed=0) -> dict:
         y = torch.arange(num_classes).repeat_interleave(count)
         return centres[y] + torch.randn(len(y), dim, generator=g), y
 
-    return {"train_views": [split(n // num_classes)], "val": split(5), "test": split(10), "head": {},
+    head = {"classifier.weight": 0.01 * torch.randn(num_classes, dim, generator=g),
+            "classifier.bias": torch.zeros(num_classes)}  # the stage-1 classifier stage 2 starts from
+    return {"train_views": [split(n // num_classes)], "val": split(5), "test": split(10), "head": head,
             "class_counts": [n // num_classes] * num_classes, "num_classes": num_classes, "feature_dim": dim}
 
 
@@ -135,22 +151,20 @@ def test_stage2_phase_resumes_keeping_finished_trials_and_redrawing_interrupted_
                                                                                      tmp_path):
     import optuna
 
-    from ltsearch.search import STAGE1_TRIAL, _search_stage2
-    from ltsearch.space import Distribution
+    from ltsearch.search.staged import search_stage2
 
     spec = _stage2_spec(tmp_path, cifar10_root, num_samples=3)
     caches, configs = {"p": local_ray.put(_feature_cache(num_classes=10))}, {"p": spec.base.model_dump()}
-    space = {STAGE1_TRIAL: Distribution(choice=["p"]), "stage2.weight_decay": spec.space["stage2.weight_decay"]}
-    cluster = {"CPU": 2.0}
+    keys, cluster = ["stage2.weight_decay"], {"CPU": 2.0}
 
-    table, history = _search_stage2(tmp_path, spec, space, configs, caches, cluster, resume=False)
+    table, history = search_stage2(tmp_path, spec, keys, configs, caches, cluster, resume=False)
     assert len(table) == 3 and (table["status"] == "TERMINATED").all() and (table["epochs"] == 2).all()
     assert sorted(history["trial_id"].unique()) == sorted(table["trial_id"])
     study = optuna.load_study(study_name="stage2", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     study.ask()  # a trial an interrupted driver had started: it must be failed and redrawn, not kept
 
     more = _stage2_spec(tmp_path, cifar10_root, num_samples=5)
-    table2, _ = _search_stage2(tmp_path, more, space, configs, caches, cluster, resume=True)
+    table2, _ = search_stage2(tmp_path, more, keys, configs, caches, cluster, resume=True)
     assert len(table2) == 5 and set(table["trial_id"]) < set(table2["trial_id"])
     kept = table2.set_index("trial_id").loc[table["trial_id"], "final_val_acc"].to_numpy()
     assert kept.tolist() == table["final_val_acc"].tolist()
@@ -162,13 +176,29 @@ def test_stage2_phase_resumes_keeping_finished_trials_and_redrawing_interrupted_
 
 
 def test_stage2_trial_that_raises_is_an_error_row_and_the_phase_finishes(local_ray, cifar10_root, tmp_path):
-    from ltsearch.search import STAGE1_TRIAL, _search_stage2
-    from ltsearch.space import Distribution
+    from ltsearch.search.staged import search_stage2
 
     spec = _stage2_spec(tmp_path, cifar10_root, num_samples=2)
     caches = {"p": local_ray.put(_feature_cache(num_classes=10, dim=7))}  # ResNet-8's classifier takes 64
-    space = {STAGE1_TRIAL: Distribution(choice=["p"]), "stage2.weight_decay": spec.space["stage2.weight_decay"]}
-    table, history = _search_stage2(tmp_path, spec, space, {"p": spec.base.model_dump()}, caches, {"CPU": 2.0},
-                                    resume=False)
+    table, history = search_stage2(tmp_path, spec, ["stage2.weight_decay"], {"p": spec.base.model_dump()}, caches,
+                                   {"CPU": 2.0}, resume=False)
     assert len(table) == 2 and (table["status"] == "ERROR").all() and history.empty
     assert table["stop_reason"].str.contains("shapes|size", regex=True).all()
+
+
+def test_stage2_when_conditions_see_the_stage1_parents_values(local_ray, cifar10_root, tmp_path):
+    """Bug: staged mode checked `when:` of stage-2 keys against `base`, not the chosen parent's sampled values."""
+    from ltsearch.config import with_overrides
+    from ltsearch.search.staged import search_stage2
+
+    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, stage2_epochs=1, space={
+        "stage1.lr": {"choice": [0.05, 0.2]},
+        "stage2.weight_decay": {"loguniform": [1e-3, 1.0], "when": {"stage1.lr": 0.2}}},
+        search={"mode": "staged", "staged": {"num_samples": 4}})
+    spec = load_search_space(path)
+    assert spec.base.stage1.lr == 0.05  # the condition never holds for base
+    cache = _feature_cache(num_classes=10)
+    parent = with_overrides(spec.base, {"stage1.lr": 0.2}).model_dump()
+    table, _ = search_stage2(tmp_path, spec, ["stage2.weight_decay"], {"p": parent}, {"p": local_ray.put(cache)},
+                             {"CPU": 2.0}, resume=False)
+    assert len(table) == 4 and table["stage2.weight_decay"].notna().all()

@@ -67,6 +67,7 @@ class _LtOptunaSearch(OptunaSearch):
                 state = optuna.trial.TrialState.FAIL
             elif result.get("epoch", 0) < result.get("total_epochs", 0):
                 state = optuna.trial.TrialState.PRUNED
+                self.on_trial_result(trial_id, result)  # the result ASHA stopped it on: Tune passes it only here
         try:
             if state is None:
                 super().on_trial_complete(trial_id, result, error)
