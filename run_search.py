@@ -34,6 +34,11 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:
+        where = args.address or "$RAY_ADDRESS"
+        print(f"error: --address: cannot reach the Ray cluster at {where}: {str(err).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return 2
     best = result.best
     metric = spec.search.metrics[0]
     print(f"\n{len(result.results)} trials in {result.path}")

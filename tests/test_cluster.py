@@ -4,75 +4,20 @@ whose in-process Ray must not run at the same time (a second Ray instance on the
 Train's placement-group cleaner, which connects to "the" local instance)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
-from .test_search import write_space
+from .conftest import two_node_cluster, write_space
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Kill only the Ray processes of the cluster whose temp dir is `temp_dir` (`ray stop` kills them all)."""
-    victims = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in proc.info["cmdline"] or []):
-            victims.append(proc)
-    for proc in victims:
-        proc.kill()
-    psutil.wait_procs(victims, timeout=10)
-
-
-def _ray_start(args: list[str], env: dict) -> None:
-    proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "start", *args], env=env,
-                          capture_output=True, text=True, timeout=180, check=False)
-    assert proc.returncode == 0, f"ray start {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-
-
-@contextlib.contextmanager
-def two_node_cluster(tmp_path: Path):
-    """A head and a second node of 1 CPU each on loopback, with their own ports, temp dir and auth token.
-    Yields (GCS address, env for processes that use the cluster, the second node's node-manager port);
-    stops only this cluster's processes afterwards."""
-    temp_dir = f"/tmp/ltsr{os.getpid()}"  # short: Ray's unix sockets live under it
-    gcs, dashboard, client, head_mgr, head_obj, node_mgr, node_obj = _free_ports(7)
-    token = tmp_path / "auth_token"  # token authentication stays on, with a token of the test's own
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}",  # what the cluster's own workers connect to
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    try:
-        _ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dashboard), "--ray-client-server-port", str(client), "--temp-dir", temp_dir,
-                    "--node-manager-port", str(head_mgr), "--object-manager-port", str(head_obj), *common], env)
-        _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-manager-port", str(node_mgr),
-                    "--object-manager-port", str(node_obj), *common], env)
-        yield f"127.0.0.1:{gcs}", env, node_mgr
-    finally:
-        _stop_cluster(temp_dir)
 
 
 def test_search_on_a_two_node_cluster_through_address(cifar10_root, tmp_path):

@@ -15,9 +15,9 @@ import optuna
 import pandas as pd
 import psutil
 import pytest
+import torch
 
-from .test_cluster import two_node_cluster
-from .test_search import write_space
+from .conftest import two_node_cluster, write_space
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -140,8 +140,16 @@ def test_diverging_trial_ends_with_a_reason_and_the_search_goes_on(cifar10_root,
     assert diverged["stop_reason"].str.contains("diverged: stage 1 epoch 1: training loss is nan").all()
     assert (table.loc[table["stage1.lr"] < 1, "stop_reason"] == "completed").all()
     assert "Ray dashboard: http://127.0.0.1:" in run.stdout  # dashboard on loopback
+    assert "`ray get-auth-token` prints it" in run.stdout and "auth_token" in run.stdout  # what its prompt wants
+    # No retries: each diverged trial ran one epoch once; Optuna records it as failed.
+    history = pd.read_csv(tmp_path / "runs" / "nan" / "history.csv")
+    assert (history[history["trial_id"].isin(diverged["trial_id"])].groupby("trial_id").size() == 1).all()
+    states = [t.state.name for t in optuna.load_study(
+        study_name="search", storage=f"sqlite:///{tmp_path / 'runs' / 'nan' / 'optuna.db'}").trials]
+    assert states.count("FAIL") == len(diverged) and states.count("COMPLETE") == 4 - len(diverged)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_request_on_a_cluster_without_gpus(cifar10_root, tmp_path):
     space = write_space(tmp_path / "s.yaml", cifar10_root, space={"stage1.weight_decay": {"uniform": [0, 0.1]}},
                         search={"resources": {"gpus_per_worker": 1}})
@@ -149,7 +157,7 @@ def test_gpu_request_on_a_cluster_without_gpus(cifar10_root, tmp_path):
                          timeout=300)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: search.resources.gpus_per_worker")
-    assert not (tmp_path / "runs" / "gpu" / "search").exists()  # no trial was started
+    assert not (tmp_path / "runs" / "gpu").exists()  # refused before the experiment folder is made
 
 
 def test_lost_node_trials_retried_on_the_remaining_node(cifar10_root, tmp_path):

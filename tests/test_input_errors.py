@@ -132,3 +132,27 @@ def test_resume_with_a_different_space_file_is_refused(capsys, tmp_path, cifar10
             "--resume", "space.stage1.weight_decay.loguniform", "differs")
     refused(capsys, [space_file(tmp_path, cifar10_root), "--storage", tmp_path / "runs", "--name", "exp",
                      "--resume", "--set", "stage1.epochs=2"], "--resume", "base.stage1.epochs")
+
+
+def test_unreachable_cluster_leaves_no_experiment_folder(capsys, monkeypatch, tmp_path, cifar10_root):
+    """A failed connection used to leave runs/NAME/ with only space.yaml: a rerun with the same --name was then
+    refused as existing, and --resume had nothing to resume."""
+    from ltsearch.search import experiment
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance at 10.9.9.9:6379\nmore detail")
+
+    monkeypatch.setattr(experiment, "connect", unreachable)
+    argv = [space_file(tmp_path, cifar10_root), "--storage", tmp_path / "runs", "--name", "exp",
+            "--address", "10.9.9.9:6379"]
+    refused(capsys, argv, "--address", "10.9.9.9:6379", "Could not find any running Ray instance")
+    assert not (tmp_path / "runs" / "exp").exists()
+
+
+def test_dashboard_line_says_what_its_token_prompt_wants(monkeypatch):
+    from ltsearch.search.experiment import dashboard_hint
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/secrets/ray_token")
+    line = dashboard_hint("127.0.0.1:8265")
+    assert line.startswith("Ray dashboard: http://127.0.0.1:8265")
+    assert "ray get-auth-token" in line and "/secrets/ray_token" in line

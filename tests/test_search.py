@@ -1,6 +1,4 @@
-"""Searches on a real local Ray (started in this process) over small synthetic CIFAR-10 folders (end-to-end).
-
-`write_space` is shared with test_cluster.py, whose tests start their own clusters in subprocesses."""
+"""Searches on a real local Ray (started in this process) over small synthetic CIFAR-10 folders (end-to-end)."""
 from __future__ import annotations
 
 import json
@@ -12,19 +10,9 @@ import yaml
 
 from ltsearch.space import load_search_space
 
+from .conftest import write_space
+
 pytestmark = pytest.mark.e2e
-
-
-def write_space(path: Path, root: Path, *, space: dict, search: dict, stage1_epochs=4, stage2_epochs=0) -> Path:
-    base = {
-        "data": {"dataset": "cifar10", "root": str(root), "imbalance_factor": 10, "val_per_class": 5},
-        "model": {"name": "resnet8"},
-        "stage1": {"epochs": stage1_epochs, "batch_size": 64, "lr": 0.05},
-        "stage2": {"enabled": stage2_epochs > 0, "epochs": max(stage2_epochs, 1), "batch_size": 64},
-        "trainer": {"eval_batch_size": 256},
-    }
-    path.write_text(yaml.safe_dump({"base": base, "space": space, "search": search}))
-    return path
 
 
 @pytest.fixture(scope="module")

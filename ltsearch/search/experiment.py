@@ -34,6 +34,7 @@ from ..data import load_data
 from ..files import atomic_write_text
 from ..metrics import is_missing
 from ..space import SearchSpaceFile
+from .resources import trial_resources
 from .results import best_row, plain, sampled_values
 from .staged import run_staged
 from .tune_phase import results_table, run_phase, study_storage
@@ -115,8 +116,8 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
                source: str = "space") -> SearchResult:
     """Run (or resume) the search described by `spec`; return its results table and best trial.
 
-    The experiment folder is created only once the data loads and the cluster answers, so a failed start
-    leaves nothing behind that a rerun with the same `--name` would trip over."""
+    The experiment folder is created only once the data loads, the cluster answers and can hold a trial,
+    so a failed start leaves nothing behind that a rerun with the same `--name` would trip over."""
     storage = Path(storage).expanduser().resolve()
     load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
     if resume:
@@ -132,6 +133,7 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
         _check_creatable(exp)
 
     info = connect(address, dashboard_host)
+    trial_resources(spec.search, info["resources"])  # a trial the cluster cannot hold is refused here
     if not resume:
         try:
             exp.mkdir(parents=True)
