@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS", "MEAN", "STD", "DataError", "DatasetSpec", "LongTailData", "RawSplits", "TensorLoader",
-    "default_root", "load_data", "load_image_list", "load_longtail", "load_split", "lt_class_counts", "random_crop_flip",
+    "default_root", "load_data", "load_longtail", "load_split", "lt_class_counts", "random_crop_flip",
     "resolve_root", "shot_groups", "split_longtail", "tercile_groups",
 ]
 
@@ -176,40 +176,6 @@ def load_split(name: str, root: str | Path | None = None, download: bool = False
     train_x, train_y = _read_batches(folder, spec.train_files, spec)
     test_x, test_y = _read_batches(folder, spec.test_files, spec)
     return RawSplits(train_x, train_y, test_x, test_y, class_names)
-
-
-def load_image_list(root: str | Path, list_file: str | Path, image_size: int = 64) -> tuple[Tensor, Tensor]:
-    """Read an ImageNet-LT / Places-LT style split: ``list_file`` lines "relative/path.jpg label".
-
-    Each image is decoded once, its shorter side resized to ``image_size`` and centre-cropped to a square,
-    giving one uint8 tensor (N, 3, image_size, image_size) and int64 labels; pick ``image_size`` with memory
-    in mind (ImageNet-LT's 115,846 training images take 1.4 GB at 64 px). Relative paths are under ``root``.
-    """
-    from PIL import Image  # deferred: the CIFAR paths never decode images
-
-    root, list_file = Path(root), Path(list_file)
-    entries = []
-    for k, line in enumerate(list_file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise DataError(f"{list_file}:{k}: expected 'relative/path label', found {line!r}")
-        entries.append((parts[0], int(parts[1])))
-    images = torch.empty((len(entries), 3, image_size, image_size), dtype=torch.uint8)
-    for i, (rel, _) in enumerate(entries):
-        try:
-            with Image.open(root / rel) as im:
-                im = im.convert("RGB")
-                scale = image_size / min(im.size)
-                w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
-                im = im.resize((w, h), Image.BILINEAR)
-                left, top = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-                images[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)
-        except OSError as e:  # missing file or undecodable image
-            raise DataError(f"{root / rel} (listed in {list_file}): cannot read image ({e})") from e
-    return images, torch.tensor([label for _, label in entries], dtype=torch.int64)
 
 
 def lt_class_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:

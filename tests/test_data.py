@@ -19,7 +19,6 @@ from ltsearch.data import (
     LongTailData,
     TensorLoader,
     default_root,
-    load_image_list,
     load_longtail,
     load_split,
     lt_class_counts,
@@ -421,31 +420,3 @@ def test_normalisation_of_a_constant_image_and_channels_last():
 def test_loader_rejects_a_bad_rank():
     with pytest.raises(ValueError):
         _loader(rank=2, world_size=2)
-
-
-# ---------------------------------------------------------------- image-list reader (ImageNet-LT style)
-
-def test_load_image_list_resizes_and_centre_crops(tmp_path):
-    from PIL import Image
-
-    (tmp_path / "train" / "a").mkdir(parents=True)
-    wide = np.zeros((20, 40, 3), dtype=np.uint8)
-    wide[:, 10:30] = (255, 0, 0)  # the centre 20 columns are red, the sides black
-    Image.fromarray(wide).save(tmp_path / "train" / "a" / "wide.png")
-    Image.fromarray(np.full((30, 10, 3), 7, dtype=np.uint8)).save(tmp_path / "train" / "a" / "tall.png")
-    (tmp_path / "split.txt").write_text("train/a/wide.png 3\ntrain/a/tall.png 0\n\n")
-    images, labels = load_image_list(tmp_path, tmp_path / "split.txt", image_size=8)
-    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8
-    assert labels.tolist() == [3, 0] and labels.dtype == torch.int64
-    centre = images[0, :, :, 1:-1]  # bilinear resizing blends the outermost columns
-    assert (centre[0] == 255).all() and (centre[1:] == 0).all()
-    assert (images[1] == 7).all()
-
-
-def test_load_image_list_errors_name_the_line_or_file(tmp_path):
-    (tmp_path / "bad.txt").write_text("img.png 1\nno_label_here\n")
-    with pytest.raises(DataError, match="bad.txt:2"):
-        load_image_list(tmp_path, tmp_path / "bad.txt")
-    (tmp_path / "missing.txt").write_text("nowhere.jpg 1\n")
-    with pytest.raises(DataError, match="nowhere.jpg"):
-        load_image_list(tmp_path, tmp_path / "missing.txt")

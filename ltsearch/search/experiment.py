@@ -51,20 +51,19 @@ class SearchResult:
     best: dict[str, Any]
 
 
-def connect(address: str | None = None, dashboard_host: str = "127.0.0.1", num_cpus: int | None = None,
-            quiet: bool = False) -> dict:
+def connect(address: str | None = None, dashboard_host: str = "127.0.0.1") -> dict:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray in this process with its
     dashboard on `dashboard_host` (loopback unless the caller passes another interface). Ray's own
     gRPC ports follow Ray's defaults; token authentication guards them (see docs/reliability.md).
     Returns the cluster's resources and dashboard URL."""
     url = None
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "WARNING"}
+        kwargs: dict[str, Any] = {"logging_level": "WARNING"}
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             context = ray.init(address=address, **kwargs)
         else:
-            context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host, **kwargs)
+            context = ray.init(include_dashboard=True, dashboard_host=dashboard_host, **kwargs)
         url = context.dashboard_url
     return {"resources": ray.cluster_resources(), "dashboard_url": url}
 
