@@ -22,9 +22,11 @@ import torch
 
 from ltsearch.data import MEAN, STD, LongTailData, TensorLoader, load_longtail, lt_class_counts
 from ltsearch.losses import build_loss
+from ltsearch.metrics import feature_counts
 from ltsearch.models import build_model
+from ltsearch.optim import sgd_step
 from ltsearch.regularizers import tau_normalize, weight_decay_groups
-from ltsearch.train import cosine_lr, feature_counts
+from ltsearch.schedules import cosine_lr
 
 MODELS = ("resnet8", "resnet20", "resnet32")
 
@@ -57,12 +59,7 @@ def measure(data: LongTailData, dataset: str, model_name: str, batch: int, steps
         if i == warmup:
             started = time.perf_counter()
         x, y = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(i, len(loader), 0, 0.01)
-        loss = loss_fn(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        sgd_step(optimizer, loss_fn(model(x).float(), y), cosine_lr(i, len(loader), 0, 0.01))
     train_epoch = (time.perf_counter() - started) / steps * len(loader)
 
     model.eval()

@@ -84,8 +84,9 @@ def local_paths(args, work: Path) -> None:
     import torch
 
     from ltsearch.config import ExperimentConfig, with_overrides
+    from ltsearch.data import load_data
     from ltsearch.features import cache_features, fit_classifier
-    from ltsearch.train import load_data, train
+    from ltsearch.train import train
 
     config_path = work / "stage1.yaml"
     config_path.write_text(yaml.safe_dump(BASE))

@@ -107,8 +107,9 @@ def measure(name: str, batch: int, steps: int, warmup: int, threads: int, model_
 
     from ltsearch.losses import build_loss
     from ltsearch.models import build_model
+    from ltsearch.optim import sgd_step
     from ltsearch.regularizers import weight_decay_groups
-    from ltsearch.train import cosine_lr
+    from ltsearch.schedules import cosine_lr
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -132,14 +133,8 @@ def measure(name: str, batch: int, steps: int, warmup: int, threads: int, model_
             xb = xb.contiguous(memory_format=torch.channels_last)
         if data_only:
             continue
-        lr = cosine_lr(i, total, 0, 0.01)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits = model(xb)
-        loss = loss_fn(logits.float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = loss_fn(model(xb).float(), yb)
+        sgd_step(optimizer, loss, cosine_lr(i, total, 0, 0.01))
         loss_sum += loss.detach().double()
     elapsed, cpu1 = time.perf_counter() - started, me.cpu_times()
     workers = me.children()  # DataLoader workers (none for the tensor paths)

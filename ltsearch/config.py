@@ -6,12 +6,21 @@ Config flows one way: YAML file -> `load_config` (+ dotted overrides) -> `Experi
 """
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -86,12 +95,26 @@ class Stage1Config(StrictModel):
 
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0)  # peak learning rate, cosine to 0
+    lr: float = Field(0.01, gt=0)  # peak learning rate, set per step by lr_schedule
+    lr_schedule: Literal["cosine", "step"] = "cosine"  # cosine to 0, or x lr_gamma at each of lr_milestones
+    lr_milestones: list[int] = Field([160, 180], validate_default=True)  # epochs after which lr drops (step)
+    lr_gamma: float = Field(0.01, gt=0, le=1)  # factor at each milestone, cumulative: lr, lr/1e2, lr/1e4
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-3, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up (per step) for either schedule
     loss: LossName = "ce"
     exempt_norm_bias_from_wd: bool = False
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _milestones_within_epochs(cls, milestones: list[int], info: ValidationInfo) -> list[int]:
+        epochs, schedule = info.data.get("epochs"), info.data.get("lr_schedule")
+        if schedule != "step" or epochs is None:
+            return milestones
+        increasing = all(a < b for a, b in itertools.pairwise(milestones))
+        if not increasing or (milestones and not 1 <= milestones[0] <= milestones[-1] <= epochs):
+            raise ValueError(f"lr_milestones must be increasing epochs within 1..{epochs} (stage1.epochs)")
+        return milestones
 
 
 class Stage2Config(StrictModel):

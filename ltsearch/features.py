@@ -14,11 +14,9 @@ import torch
 from .config import ExperimentConfig
 from .data import MEAN, STD, TensorLoader, load_data
 from .files import CHECKPOINT_FILE
-from .losses import build_loss
-from .metrics import class_groups, feature_counts, metrics_from_counts
+from .metrics import class_groups, classifier_metrics
 from .models import LTClassifier, build_model
-from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
-from .train import cosine_lr
+from .optim import classifier_head, classifier_setup, train_epoch
 
 __all__ = ["cache_features", "fit_classifier"]
 
@@ -55,20 +53,22 @@ def cache_features(config: ExperimentConfig, checkpoint_dir: str, views: int) ->
         train_views.append(_features(model, train))
     evals = {split: _features(model, TensorLoader(x, y, batch, train=False, **norm))
              for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y))}
-    head = {k: v for k, v in model.state_dict().items() if k.startswith(("classifier.", "logit_bn."))}
-    return {"train_views": train_views, **evals, "head": head, "class_counts": data.class_counts,
+    return {"train_views": train_views, **evals, "head": classifier_head(model).state_dict(), "class_counts": data.class_counts,
             "num_classes": data.num_classes, "feature_dim": model.feature_dim}
 
 
-def _evaluate(model: LTClassifier, cache: dict, tau: float, groups: dict) -> dict:
-    tau_weight = tau_normalize(model.classifier.weight.detach(), tau)
-    out = {}
-    for split in ("val", "test"):
-        feats, labels = cache[split]
-        if len(labels):
-            out.update(metrics_from_counts(feature_counts(model, feats, labels, tau_weight), groups, split))
-    out["classifier_norms"] = row_norms(model.classifier.weight).tolist()
-    return out
+def _stage1_head(config: ExperimentConfig, cache: dict) -> LTClassifier:
+    """A model whose classifier (and logit BN) hold the cached stage-1 head. Every key is required: a head
+    that does not fit `config.model.classifier_bn` would otherwise start stage 2 from a random classifier."""
+    model = build_model(config.model.name, cache["num_classes"], classifier_bn=config.model.classifier_bn)
+    head = classifier_head(model)
+    missing = sorted(head.state_dict().keys() - cache["head"].keys())
+    unexpected = sorted(cache["head"].keys() - head.state_dict().keys())
+    if missing or unexpected:
+        raise ValueError(f"the cached stage-1 head does not fit model.classifier_bn="
+                         f"{config.model.classifier_bn!r}: missing {missing}, unexpected {unexpected}")
+    head.load_state_dict(cache["head"])
+    return model
 
 
 def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
@@ -76,45 +76,28 @@ def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
     `config.posthoc.tau`. Calls `report(metrics)` after every epoch and returns the last metrics.
     With `stage2.enabled: false` the stage-1 classifier is only evaluated (one report): a tau search."""
     cfg, seed = config.stage2, config.trainer.seed
-    model = build_model(config.model.name, cache["num_classes"], classifier_bn=config.model.classifier_bn)
-    model.load_state_dict(cache["head"], strict=False)
-    head = torch.nn.Sequential(model.classifier, model.logit_bn)
-    max_norm = (relative_max_norm(model.classifier.weight, cfg.maxnorm_thresh)
-                if cfg.maxnorm_thresh is not None else None)
-    loss_fn = build_loss(cfg.loss, cache["class_counts"], beta=cfg.beta, gamma=cfg.focal_gamma)
-    optimizer = torch.optim.SGD(weight_decay_groups(head, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    model = _stage1_head(config, cache)
     groups = class_groups(cache["class_counts"])
+    splits = {split: [cache[split]] for split in ("val", "test") if len(cache[split][1])}  # one batch each
+
+    def evaluate() -> dict:
+        return classifier_metrics(model.eval(), splits, config.posthoc.tau, groups)
+
     if not cfg.enabled:
-        metrics = {"stage": 2, "epoch": 1, **_evaluate(model.eval(), cache, config.posthoc.tau, groups)}
+        metrics = {"stage": 2, "epoch": 1, **evaluate()}
         if report is not None:
             report(metrics)
         return metrics
     views = cache["train_views"]
     steps_per_epoch = math.ceil(len(views[0][1]) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    setup = classifier_setup(model, cfg, cache["class_counts"], model.classifier.weight, steps_per_epoch)
     metrics: dict = {}
     for epoch in range(cfg.epochs):
         feats, labels = views[epoch % len(views)]
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        head.train()
-        loss_sum = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total, 0, cfg.lr)
-            loss = loss_fn(head(feats[idx]), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if max_norm is not None and cfg.maxnorm_every == "step":
-                maxnorm_(model.classifier.weight, max_norm)
-            loss_sum += loss.item()
-        if max_norm is not None and cfg.maxnorm_every == "epoch":
-            maxnorm_(model.classifier.weight, max_norm)
-        head.eval()
-        metrics = {"stage": 2, "epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch,
-                   **_evaluate(model, cache, config.posthoc.tau, groups)}
+        batches = ((feats[idx], labels[idx]) for idx in order.split(cfg.batch_size))
+        loss_sum, _ = train_epoch(setup, batches, epoch * steps_per_epoch)
+        metrics = {"stage": 2, "epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, **evaluate()}
         if report is not None:
             report(metrics)
     return metrics

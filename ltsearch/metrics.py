@@ -6,14 +6,17 @@ before any ratio is taken.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .data import shot_groups, tercile_groups
+from .regularizers import row_norms, tau_normalize
 
 __all__ = [
-    "accuracy_metrics", "class_groups", "feature_counts", "is_missing", "metrics_from_counts", "per_class_counts",
+    "accuracy_metrics", "class_groups", "classifier_metrics", "feature_counts", "is_missing", "metrics_from_counts",
+    "per_class_counts",
 ]
 
 
@@ -61,6 +64,21 @@ def metrics_from_counts(counts: torch.Tensor, groups: dict[str, list[int]], spli
     return {f"{split}_loss": loss.sum().item() / max(total.sum().item(), 1.0),
             **accuracy_metrics(correct, total, groups, split),
             **accuracy_metrics(tau_correct, total, groups, f"tau_{split}")}
+
+
+@torch.no_grad()
+def classifier_metrics(model, splits: dict[str, Iterable[tuple[Tensor, Tensor]]], tau: float,
+                       groups: dict[str, list[int]], reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
+    """`metrics_from_counts` of every split, from its batches of (features, labels), for `model`'s classifier
+    and its tau-normalised copy, plus `classifier_norms`. `reduce` sums the counts across data-parallel ranks."""
+    weight = model.classifier.weight
+    tau_weight = tau_normalize(weight, tau)
+    out = {}
+    for split, batches in splits.items():
+        counts = sum(feature_counts(model, feats, y, tau_weight) for feats, y in batches)
+        out.update(metrics_from_counts(counts if reduce is None else reduce(counts), groups, split))
+    out["classifier_norms"] = row_norms(weight).tolist()
+    return out
 
 
 def is_missing(value) -> bool:

@@ -6,6 +6,8 @@ Stage 1 trains backbone + classifier with a plain loss and weight decay. Post-ho
 classifier is evaluated at every epoch from the same features, so it costs no training. Stage 2 freezes the
 backbone, starts from the stage-1 epoch that was best on VALIDATION, and retrains the classifier with a
 class-balanced loss, weight decay and MaxNorm. The test set is evaluated and reported, never used to select.
+Each stage is a `StageSetup` (`_stage1_setup`, `_stage2_setup`: what is trained, optimiser, loss, learning-rate
+schedule, MaxNorm, train/eval modes, logits of a batch) run by the one epoch loop `optim.train_epoch`.
 
 Under an initialised `torch.distributed` process group (one process per rank, as Ray Train runs it) the model
 is wrapped in DistributedDataParallel, each rank takes its shard of every batch order, and evaluation counts
@@ -15,6 +17,7 @@ only rank 0 writes checkpoints.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -31,9 +34,11 @@ from .config import ExperimentConfig
 from .data import MEAN, STD, LongTailData, TensorLoader, load_data
 from .files import CHECKPOINT_FILE, atomic_save
 from .losses import build_loss
-from .metrics import class_groups, feature_counts, metrics_from_counts
+from .metrics import class_groups, classifier_metrics
 from .models import LTClassifier, build_model, nbn_parameters
-from .regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
+from .optim import StageSetup, classifier_setup, train_epoch
+from .regularizers import weight_decay_groups
+from .schedules import lr_schedule
 
 __all__ = [
     "TrainingDiverged",
@@ -83,14 +88,6 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up then cosine decay to 0, evaluated per optimisation step."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 class _Run:
     """Everything one training run shares across its stages: config, data, model, loaders, history."""
 
@@ -118,21 +115,17 @@ class _Run:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, stage: int, tau: float) -> dict:
+    def evaluate(self, tau: float) -> dict:
         """Val and test metrics of the current model, plus those of its tau-normalised classifier."""
         model = self.model
         model.eval()
-        tau_weight = tau_normalize(model.classifier.weight, tau)
-        out = {}
-        for split, loader in self.eval_loaders.items():
-            counts = torch.zeros(4, self.data.num_classes, dtype=torch.float64, device=self.device)
+
+        def features(loader: TensorLoader):
             for x, y in loader:
-                with _autocast(self.device, self.config.trainer.precision):
-                    feats = model.features(x)
-                counts += feature_counts(model, feats.float(), y, tau_weight)
-            out.update(metrics_from_counts(_all_sum(counts), self.groups, split))
-        out["classifier_norms"] = row_norms(model.classifier.weight).tolist()
-        return out
+                yield self._forward(model.features, x).float(), y
+
+        return classifier_metrics(model, {split: features(loader) for split, loader in self.eval_loaders.items()},
+                                  tau, self.groups, reduce=_all_sum)
 
     # ---------------------------------------------------------------- checkpoints
     def state(self, stage: int, stage_epoch: int, optimizer: torch.optim.Optimizer) -> dict:
@@ -154,73 +147,73 @@ class _Run:
             torch.save(state, Path(tmp) / CHECKPOINT_FILE)
             report(metrics, tmp)
 
-    # ---------------------------------------------------------------- one stage
+    # ---------------------------------------------------------------- the two stages
+    def _ddp(self, module: nn.Module) -> nn.Module:
+        return DistributedDataParallel(module) if self.world > 1 else module
+
+    def _forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`module(x)` under the configured mixed precision."""
+        with _autocast(self.device, self.config.trainer.precision):
+            return module(x)
+
+    def _stage1_setup(self, steps_per_epoch: int) -> StageSetup:
+        """Backbone + classifier on images, with weight decay (NBN's scale decayed iff its own setting)."""
+        cfg, model = self.config.stage1, self.model
+        scale = nbn_parameters(model)
+        decay_scale = self.config.model.nbn_scale_weight_decay
+        params = weight_decay_groups(model, cfg.weight_decay, cfg.exempt_norm_bias_from_wd,
+                                     exempt=[] if decay_scale else scale, decay=scale if decay_scale else [])
+        ddp = self._ddp(model)
+        return StageSetup(
+            module=model,
+            optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum),
+            loss_fn=build_loss(cfg.loss, self.data.class_counts).to(self.device),
+            lr=lr_schedule(cfg.lr_schedule, cfg.lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
+                           cfg.lr_milestones, cfg.lr_gamma),
+            logits=lambda x: self._forward(ddp, x),
+            set_modes=model.train,
+        )
+
+    def _stage2_setup(self, steps_per_epoch: int) -> StageSetup:
+        """The classifier retrained on the frozen backbone's features (its BN statistics frozen too unless
+        `stage2.update_bn_stats`); MaxNorm's radius comes from the stage-1 classifier stage 2 starts from."""
+        cfg, model = self.config.stage2, self.model
+        for p in model.features.parameters():
+            p.requires_grad_(False)
+        setup = classifier_setup(model, cfg, self.data.class_counts, self.best[1]["model"]["classifier.weight"],
+                                 steps_per_epoch)
+        setup.loss_fn.to(self.device)
+        head = self._ddp(setup.module)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                feats = self._forward(model.features, x)
+            return self._forward(head, feats.float())
+
+        def set_modes() -> None:
+            model.eval()
+            model.features.train(cfg.update_bn_stats)
+            model.logit_bn.train()
+
+        return dataclasses.replace(setup, logits=logits, set_modes=set_modes)
+
     def run_stage(self, stage: int, start_epoch: int, optimizer_state: dict | None,
                   out_dir: Path | None, report: Report | None, progress: bool) -> None:
-        cfg = self.config.stage1 if stage == 1 else self.config.stage2
-        model, device = self.model, self.device
         if stage == 1:
-            params = weight_decay_groups(
-                model, cfg.weight_decay, cfg.exempt_norm_bias_from_wd,
-                exempt=[] if self.config.model.nbn_scale_weight_decay else nbn_parameters(model))
-            loss_fn = build_loss(cfg.loss, self.data.class_counts).to(device)
-            trained = model
-        else:
-            for p in model.features.parameters():
-                p.requires_grad_(False)
-            trained = nn.Sequential(model.classifier, model.logit_bn)
-            params = weight_decay_groups(trained, cfg.weight_decay)
-            loss_fn = build_loss(cfg.loss, self.data.class_counts, beta=cfg.beta, gamma=cfg.focal_gamma).to(device)
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        ddp = DistributedDataParallel(trained) if self.world > 1 else trained
-        max_norm = None
-        if stage == 2 and cfg.maxnorm_thresh is not None:  # radius from the stage-1 classifier stage 2 starts from
-            max_norm = relative_max_norm(self.best[1]["model"]["classifier.weight"], cfg.maxnorm_thresh)
-
+            cfg, epoch_offset, make_setup = self.config.stage1, 0, self._stage1_setup
+        else:  # on the global epoch axis, stage 2 follows stage 1's epochs
+            cfg, epoch_offset, make_setup = self.config.stage2, self.config.stage1.epochs, self._stage2_setup
         loader = self.train_loader(cfg.batch_size)
         steps_per_epoch = len(loader)
-        total_steps = cfg.epochs * steps_per_epoch
-        warmup = getattr(cfg, "warmup_epochs", 0) * steps_per_epoch
-        epoch_offset = 0 if stage == 1 else self.config.stage1.epochs
+        setup = make_setup(steps_per_epoch)
+        if optimizer_state is not None:
+            setup.optimizer.load_state_dict(optimizer_state)
         scaler = torch.amp.GradScaler("cuda") if self.config.trainer.precision == "fp16" else None
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             loader.set_epoch(epoch_offset + epoch)
-            if stage == 1:
-                model.train()
-            else:
-                model.eval()
-                model.features.train(self.config.stage2.update_bn_stats)
-                model.logit_bn.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             batches = _progress(loader, progress and self.rank == 0, f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
-            for i, (x, y) in enumerate(batches):
-                lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, warmup, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with _autocast(device, self.config.trainer.precision):
-                    if stage == 1:
-                        logits = ddp(x)
-                    else:
-                        with torch.no_grad():
-                            feats = model.features(x)
-                        logits = ddp(feats.float())
-                    loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                if max_norm is not None and cfg.maxnorm_every == "step":
-                    maxnorm_(model.classifier.weight, max_norm)
-                loss_sum += loss.detach().double()
-            if max_norm is not None and cfg.maxnorm_every == "epoch":
-                maxnorm_(model.classifier.weight, max_norm)
+            loss_sum, lr = train_epoch(setup, batches, epoch * steps_per_epoch, scaler, self.device)
             train_loss = _all_sum(loss_sum).item() / (steps_per_epoch * self.world)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"stage {stage} epoch {epoch + 1}: training loss is {train_loss}",
@@ -228,13 +221,13 @@ class _Run:
 
             metrics = {"stage": stage, "epoch": epoch_offset + epoch + 1, "stage_epoch": epoch + 1,
                        "lr": lr, "train_loss": train_loss, "world_size": self.world,
-                       **self.evaluate(stage, self.config.posthoc.tau)}
+                       **self.evaluate(self.config.posthoc.tau)}
             metrics["epoch_time_s"] = time.perf_counter() - started
             self._track_best(stage, metrics)
             self.last[stage] = metrics
             metrics["best_val_acc"] = self.best[stage]["metrics"].get("val_acc")
             self.history.append(_scalars(metrics))
-            self.save_and_report(self.state(stage, epoch + 1, optimizer), metrics, out_dir, report)
+            self.save_and_report(self.state(stage, epoch + 1, setup.optimizer), metrics, out_dir, report)
 
     def _track_best(self, stage: int, metrics: dict) -> None:
         """Keep the epoch with the best validation accuracy (the last epoch when there is no val set)."""
@@ -290,10 +283,10 @@ def train(config: ExperimentConfig, *, out_dir: str | Path | None = None, report
             run.model.load_state_dict(run.best[1]["model"])
             start_epoch, optimizer_state = 0, None
         run.run_stage(2, start_epoch, optimizer_state, out_dir, report, progress)
-    return summarize(run)
+    return _summarize(run)
 
 
-def summarize(run: _Run) -> dict:
+def _summarize(run: _Run) -> dict:
     """Final and best-by-validation metrics per stage (the `tau_*` entries of stage 1's best epoch are the
     post-hoc tau-normalisation result), the class counts and the per-epoch history (scalars only)."""
     out = {"class_counts": run.data.class_counts, "num_train": len(run.data.train_y),

@@ -39,6 +39,8 @@ def test_defaults_validate_and_match_the_documented_values():
     assert cfg.stage2.loss == "cb_softmax_bce" and cfg.stage2.beta == 0.9999
     assert cfg.stage2.maxnorm_thresh == 0.1
     assert cfg.posthoc.tau == 1.0
+    assert cfg.stage1.lr_schedule == "cosine"  # the step schedule's keys are inert by default
+    assert cfg.stage1.lr_milestones == [160, 180] and cfg.stage1.lr_gamma == 0.01
 
 
 def test_load_config_reads_a_yaml_file(tmp_path):
@@ -314,3 +316,40 @@ def test_default_dump_roundtrips(tmp_path):
     path = tmp_path / "d.yaml"
     dump_config(ExperimentConfig(), path)
     assert load_config(path) == ExperimentConfig()
+
+
+# ---------------------------------------------------------------- stage-1 learning-rate schedule
+
+def test_step_schedule_loads_with_its_milestones(tmp_path):
+    path = write(tmp_path, "stage1:\n  epochs: 200\n  lr_schedule: step\n  lr_milestones: [160, 180]\n"
+                           "  lr_gamma: 0.1\n  warmup_epochs: 5\n")
+    cfg = load_config(path)
+    assert cfg.stage1.lr_schedule == "step" and cfg.stage1.lr_milestones == [160, 180]
+    assert cfg.stage1.lr_gamma == 0.1 and cfg.stage1.warmup_epochs == 5
+
+
+@pytest.mark.parametrize("milestones", ["[180, 160]", "[160, 160]", "[0, 100]", "[100, 201]"])
+def test_step_milestones_must_be_increasing_epochs_within_the_stage(tmp_path, milestones):
+    path = write(tmp_path, f"stage1:\n  epochs: 200\n  lr_schedule: step\n  lr_milestones: {milestones}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: stage1.lr_milestones: ") and "within 1..200" in msg and "\n" not in msg
+
+
+def test_default_milestones_are_checked_against_the_epochs_of_a_step_schedule():
+    with pytest.raises(ConfigError, match=r"stage1.lr_milestones: .*within 1..100 .*\(got \[160, 180\]\)"):
+        with_overrides(ExperimentConfig(), {"stage1.lr_schedule": "step", "stage1.epochs": 100})
+    # the cosine schedule ignores the milestones, so a short cosine run needs no change to them
+    assert with_overrides(ExperimentConfig(), {"stage1.epochs": 4}).stage1.lr_milestones == [160, 180]
+
+
+@pytest.mark.parametrize("gamma", [0, -0.1, 1.5])
+def test_lr_gamma_is_a_decay_factor(gamma):
+    with pytest.raises(ConfigError, match="stage1.lr_gamma"):
+        with_overrides(ExperimentConfig(), {"stage1.lr_gamma": gamma})
+
+
+def test_lr_schedule_is_cosine_or_step():
+    with pytest.raises(ConfigError, match="stage1.lr_schedule"):
+        with_overrides(ExperimentConfig(), {"stage1.lr_schedule": "linear"})

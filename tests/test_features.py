@@ -58,3 +58,16 @@ def test_tau_only_evaluates_the_stage1_classifier(stage1):
     assert plain["tau_val_acc"] == plain["val_acc"]  # tau 0 leaves the classifier unchanged
     assert normed["val_acc"] == plain["val_acc"]  # the un-normalised metrics do not depend on tau
     assert plain["classifier_norms"] == pytest.approx(cache["head"]["classifier.weight"].norm(dim=1).tolist())
+
+
+def test_fit_classifier_refuses_a_head_that_does_not_fit(stage1):
+    """Bug 9: the stage-1 head used to be loaded with strict=False, so a missing classifier silently became a
+    random one. Every key of the classifier (and of the logit BN when configured) must be in the cache."""
+    config, ckpt = stage1
+    cache = cache_features(config, str(ckpt), views=1)
+    config = with_overrides(config, {"stage2.enabled": True, "stage2.epochs": 1})
+    headless = {**cache, "head": {k: v for k, v in cache["head"].items() if k != "classifier.weight"}}
+    with pytest.raises(ValueError, match=r"missing \['classifier.weight'\]"):
+        fit_classifier(headless, config)
+    with pytest.raises(ValueError, match=r"classifier_bn='affine': missing \['logit_bn.bias'"):
+        fit_classifier(cache, with_overrides(config, {"model.classifier_bn": "affine"}))

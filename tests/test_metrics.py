@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from ltsearch.metrics import accuracy_metrics, class_groups, per_class_counts
+from ltsearch.metrics import accuracy_metrics, class_groups, classifier_metrics, per_class_counts
 
 
 def test_per_class_counts_hand_example():
@@ -126,3 +127,46 @@ def test_no_images_at_all_gives_zero_overall_and_none_elsewhere():
     assert out["val_acc"] == 0.0
     assert out["val_acc_many"] is None and out["val_acc_medium"] is None
     assert out["val_per_class_acc"] == [None, None]
+
+
+# ---------------------------------------------------------------- classifier metrics from features
+
+class TwoClassHead(nn.Module):
+    """Identity features -> a fixed 2-class linear classifier (the `LTClassifier` interface used by metrics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))  # row norms 4 and 1
+
+    def logits_from_features(self, feats, weight=None, bias=None):
+        return nn.functional.linear(feats, self.classifier.weight if weight is None else weight)
+
+
+def test_classifier_metrics_of_plain_and_tau_normalised_classifier_over_batches():
+    model = TwoClassHead()
+    # class 1 images at (1, 2): plain logits (4, 2) -> wrong; tau = 1 (unit rows) logits (1, 2) -> right
+    feats = torch.tensor([[1.0, 0.0], [1.0, 2.0], [1.0, 2.0]])
+    labels = torch.tensor([0, 1, 1])
+    groups = {"head": [0], "tail": [1]}
+    one_batch = classifier_metrics(model, {"val": [(feats, labels)]}, 1.0, groups)
+    two_batches = classifier_metrics(model, {"val": [(feats[:1], labels[:1]), (feats[1:], labels[1:])]}, 1.0, groups)
+    assert one_batch == two_batches
+    assert one_batch["val_acc"] == pytest.approx(100 / 3) and one_batch["val_acc_tail"] == 0.0
+    assert one_batch["tau_val_acc"] == pytest.approx(100.0)
+    assert one_batch["classifier_norms"] == pytest.approx([4.0, 1.0])
+
+
+def test_classifier_metrics_reduce_applies_to_the_counts_of_every_split():
+    model = TwoClassHead()
+    batch = [(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))]  # one right prediction
+    seen = []
+
+    def other_rank_was_wrong(counts):  # as if a second rank added one wrong prediction of class 0
+        seen.append(counts.clone())
+        return counts + torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+
+    out = classifier_metrics(model, {"val": batch, "test": batch}, 0.0, {}, reduce=other_rank_was_wrong)
+    assert len(seen) == 2 and seen[0].shape == (4, 2)
+    assert out["val_acc"] == out["test_acc"] == 50.0

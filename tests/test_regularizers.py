@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from ltsearch.regularizers import maxnorm_, relative_max_norm, row_norms, tau_normalize, weight_decay_groups
+from ltsearch.regularizers import (
+    MaxNorm,
+    maxnorm_,
+    relative_max_norm,
+    row_norms,
+    tau_normalize,
+    weight_decay_groups,
+)
 
 
 def assert_rows(actual: torch.Tensor, expected: list[list[float]]) -> None:
@@ -131,6 +138,18 @@ def test_relative_max_norm_then_maxnorm_caps_only_the_largest_rows():
     assert row_norms(w).tolist() == pytest.approx([2.0, 2.0, 1.0], abs=1e-6)
 
 
+def test_maxnorm_object_projects_only_after_its_event():
+    w = rows()  # norms 5 and 2
+    per_epoch = MaxNorm(w, 2.5, every="epoch")
+    per_epoch.after("step")
+    assert w.tolist() == [[3.0, 4.0], [0.0, 2.0]]
+    per_epoch.after("epoch")
+    assert_rows(w, [[1.5, 2.0], [0.0, 2.0]])
+    w = rows()
+    MaxNorm(w, 2.5).after("step")  # every step by default, as the trainer's stage 2
+    assert_rows(w, [[1.5, 2.0], [0.0, 2.0]])
+
+
 # ---------------------------------------------------------------- weight-decay groups
 
 class Net(nn.Module):
@@ -207,3 +226,17 @@ def test_groups_drive_an_optimizer():
     # zero gradient: decayed weights shrink by (1 - lr * wd) = 0.95, exempt biases stay
     assert torch.allclose(net.fc.weight, before_w * 0.95)
     assert torch.equal(net.fc.bias, before_b)
+
+
+def test_decay_keeps_a_parameter_decayed_when_norms_and_biases_are_exempt():
+    """NBN's shared scale follows its own switch: exempting norms and biases must not exempt it."""
+    net = Net()
+    decay, no_decay = weight_decay_groups(net, 0.1, exempt_norm_bias=True, decay=[net.scale])
+    assert ids(decay["params"]) == ids([net.conv.weight, net.fc.weight, net.scale])
+    assert ids(no_decay["params"]) == ids([net.conv.bias, net.bn.weight, net.bn.bias, net.fc.bias])
+
+
+def test_a_parameter_cannot_be_both_exempt_and_decayed():
+    net = Net()
+    with pytest.raises(ValueError, match="both"):
+        weight_decay_groups(net, 0.1, exempt=[net.scale], decay=[net.scale])

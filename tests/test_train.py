@@ -12,6 +12,7 @@ import torch
 from ltsearch.__main__ import main
 from ltsearch.config import ExperimentConfig, with_overrides
 from ltsearch.data import load_data
+from ltsearch.regularizers import relative_max_norm
 from ltsearch.train import TrainingDiverged, train
 
 
@@ -108,18 +109,97 @@ def test_best_epoch_is_chosen_on_validation(cifar10_root):
     assert summary["stage1"]["best"]["test_acc"] == best["test_acc"]
 
 
+def test_step_schedule_drops_the_stage1_lr_at_its_milestones(cifar10_root):
+    config = small_config(cifar10_root, **{"stage1.epochs": 3, "stage2.enabled": False, "stage1.lr_schedule": "step",
+                                           "stage1.lr_milestones": [1, 2], "stage1.lr_gamma": 0.1})
+    history = train(config)["history"]
+    # the last step of each epoch: 0.05 in epoch 1, x0.1 after epoch 1, x0.1 again after epoch 2
+    assert [h["lr"] for h in history] == pytest.approx([0.05, 0.005, 0.0005])
+
+
 def test_divergence_raises_a_clear_error(cifar10_root):
     config = small_config(cifar10_root, **{"stage1.lr": 1e12, "stage1.epochs": 1})
     with pytest.raises(TrainingDiverged, match="stage 1 epoch 1"):
         train(config)
 
 
-@pytest.mark.parametrize("options", [{"model.nbn": True}, {"trainer.precision": "bf16"},
-                                     {"model.classifier_bn": "affine", "stage2.loss": "cb_focal"},
-                                     {"stage2.update_bn_stats": True, "stage2.maxnorm_every": "epoch"}])
-def test_variants_train(cifar10_root, options):
-    summary = train(small_config(cifar10_root, **{"stage1.epochs": 1, "stage2.epochs": 1, **options}))
+def train_with_states(config: ExperimentConfig) -> tuple[dict, list[dict]]:
+    """The summary and the checkpoint state of every epoch."""
+    states = []
+    summary = train(config, report=lambda m, ckpt: states.append(torch.load(f"{ckpt}/state.pt", weights_only=False)))
+    return summary, states
+
+
+def one_epoch_each(cifar10_root, **options) -> ExperimentConfig:
+    return small_config(cifar10_root, **{"stage1.epochs": 1, "stage2.epochs": 1, **options})
+
+
+@pytest.fixture(scope="module")
+def plain_run(cifar10_root):
+    """The variants' baseline: no NBN, fp32, one epoch of each stage."""
+    return train_with_states(one_epoch_each(cifar10_root))
+
+
+def test_nbn_variant_trains_the_shared_scale(cifar10_root, plain_run):
+    summary, states = train_with_states(one_epoch_each(cifar10_root, **{"model.nbn": True}))
     assert summary["stage2"]["final"]["train_loss"] > 0
+    assert "nbn_scale.alpha" not in plain_run[1][-1]["model"]
+    alpha = states[0]["model"]["nbn_scale.alpha"]  # after stage 1; initialised to 1
+    assert alpha.dim() == 0 and alpha.item() != 1.0
+    assert summary["stage1"]["final"]["train_loss"] != plain_run[0]["stage1"]["final"]["train_loss"]
+
+
+def test_bf16_variant_differs_from_fp32_but_stays_close(cifar10_root, plain_run):
+    summary, _ = train_with_states(one_epoch_each(cifar10_root, **{"trainer.precision": "bf16"}))
+    assert summary["stage2"]["final"]["train_loss"] > 0
+    plain = plain_run[0]
+    for stage in ("stage1", "stage2"):
+        bf16, fp32 = summary[stage]["final"]["train_loss"], plain[stage]["final"]["train_loss"]
+        assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.1)
+    assert summary["stage1"]["final"]["val_loss"] == pytest.approx(plain["stage1"]["final"]["val_loss"], rel=0.1)
+
+
+def test_cb_focal_variant_trains_the_logit_bn_with_its_own_loss(cifar10_root):
+    options = {"model.classifier_bn": "affine", "stage2.loss": "cb_focal"}
+    summary, states = train_with_states(one_epoch_each(cifar10_root, **options))
+    assert summary["stage2"]["final"]["train_loss"] > 0
+    ce, _ = train_with_states(one_epoch_each(cifar10_root, **{**options, "stage2.loss": "cb_ce"}))
+    assert timeless(summary["history"])[0] == timeless(ce["history"])[0]  # the same stage 1
+    assert summary["stage2"]["final"]["train_loss"] != ce["stage2"]["final"]["train_loss"]
+    stage1, final = states[0]["model"], states[-1]["model"]
+    assert not torch.equal(final["logit_bn.weight"], stage1["logit_bn.weight"])  # the logit BN is trained
+
+
+@pytest.mark.parametrize("update_bn_stats", [True, False])
+def test_update_bn_stats_variant_moves_only_the_bn_statistics(cifar10_root, update_bn_stats):
+    summary, states = train_with_states(one_epoch_each(
+        cifar10_root, **{"stage2.update_bn_stats": update_bn_stats, "stage2.maxnorm_every": "epoch"}))
+    assert summary["stage2"]["final"]["train_loss"] > 0
+    stage1, final = states[0]["model"], states[-1]["model"]
+    stats = [k for k in final if k.startswith("features.") and k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in final if k.startswith("features.") and k.endswith(("weight", "bias"))]
+    assert stats and weights
+    assert all(torch.equal(final[k], stage1[k]) for k in weights)  # the backbone stays frozen
+    assert any(not torch.equal(final[k], stage1[k]) for k in stats) == update_bn_stats
+    # MaxNorm once per epoch: the classifier ends the epoch within the radius from the stage-1 norms
+    radius = relative_max_norm(stage1["classifier.weight"], 0.1)
+    assert max(summary["stage2"]["final"]["classifier_norms"]) <= radius + 1e-5
+
+
+@pytest.mark.parametrize(("scale_wd", "exempt_norm_bias", "decayed"),
+                         [(True, True, True), (True, False, True), (False, True, False), (False, False, False)])
+def test_nbn_scale_is_decayed_iff_nbn_scale_weight_decay(cifar10_root, scale_wd, exempt_norm_bias, decayed):
+    """Bug 10: `exempt_norm_bias_from_wd` used to exempt NBN's scale even with `nbn_scale_weight_decay`."""
+    config = small_config(cifar10_root, **{
+        "stage1.epochs": 1, "stage2.enabled": False, "model.nbn": True,
+        "model.nbn_scale_weight_decay": scale_wd, "stage1.exempt_norm_bias_from_wd": exempt_norm_bias})
+    _, states = train_with_states(config)
+    optimizer = states[-1]["optimizer"]
+    # NBN's scale is the model's only 0-dim parameter: find its group by the shape of its momentum buffer
+    (group,) = [g for g in optimizer["param_groups"]
+                if any(optimizer["state"][i]["momentum_buffer"].dim() == 0 for i in g["params"])]
+    assert (group["weight_decay"] == config.stage1.weight_decay) == decayed
+    assert (group["weight_decay"] == 0.0) == (not decayed)
 
 
 def test_cli_writes_metrics_and_resolved_config(cifar10_root, tmp_path, capsys):
