@@ -301,6 +301,8 @@ _NEEDS: dict[str, tuple[str, Any, str]] = {
     "stage2.beta": ("stage2.loss", lambda v: str(v).startswith("cb_"), "a class-balanced stage2.loss (cb_*)"),
     "stage2.focal_gamma": ("stage2.loss", lambda v: v == "cb_focal", "stage2.loss: cb_focal"),
     "stage2.maxnorm_every": ("stage2.maxnorm_thresh", lambda v: v is not None, "a stage2.maxnorm_thresh"),
+    "stage1.lr_milestones": ("stage1.lr_schedule", lambda v: v == "step", "stage1.lr_schedule: step"),
+    "stage1.lr_gamma": ("stage1.lr_schedule", lambda v: v == "step", "stage1.lr_schedule: step"),
 }
 
 

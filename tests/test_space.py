@@ -424,3 +424,11 @@ def test_max_epochs_covers_the_longest_sampled_schedule(tmp_path):
         "space:\n  stage2.enabled: {choice: [false, true]}\n  stage2.epochs: {choice: [3, 5]}\n"
     assert load_search_space(write(tmp_path, text)).max_epochs() == 2 + 5
     assert load_search_space(write(tmp_path, VALID)).max_epochs() == 3
+
+
+def test_step_schedule_parameters_need_the_step_schedule(tmp_path):
+    expect_error(tmp_path, BASE + "space:\n  stage1.lr_gamma: {uniform: [0.01, 0.5]}\n", "space.stage1.lr_gamma",
+                 "lr_schedule: step", "cosine")
+    text = BASE.replace("stage1: {epochs: 2,", "stage1: {epochs: 2, lr_schedule: step, lr_milestones: [1],") + \
+        "space:\n  stage1.lr_gamma: {uniform: [0.01, 0.5]}\n"
+    assert "stage1.lr_gamma" in load_search_space(write(tmp_path, text)).space
