@@ -147,6 +147,10 @@ class TrainerConfig(StrictModel):
     channels_last: bool = True
     eval_batch_size: int = Field(512, ge=1)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: leave torch's default
+    # When the test split is evaluated (validation: every epoch). best: at epochs that improve the stage's best
+    # validation accuracy and at each stage's last epoch (every epoch without a validation set); epoch: every
+    # epoch (slower: 10,000 test images an epoch for CIFAR). See the trainer's docstring (ltsearch/train.py).
+    test_every: Literal["best", "epoch"] = "best"
 
 
 class ExperimentConfig(StrictModel):

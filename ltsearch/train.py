@@ -6,6 +6,21 @@ Stage 1 trains backbone + classifier with a plain loss and weight decay. Post-ho
 classifier is evaluated at every epoch from the same features, so it costs no training. Stage 2 freezes the
 backbone, starts from the stage-1 epoch that was best on VALIDATION, and retrains the classifier with a
 class-balanced loss, weight decay and MaxNorm. The test set is evaluated and reported, never used to select.
+
+When the test set is evaluated (`trainer.test_every`; validation is evaluated every epoch):
+- `best` (default): at every epoch that improves the stage's best validation accuracy (so the epoch a stage
+  selects always has its test figures), at the last epoch of each stage, and at every epoch when there is no
+  validation set (the last epoch is then the selected one). Other epochs report no `test_*` keys at all
+  (absent, never 0); every epoch's `has_test` says which kind it is. A trial that a scheduler stops
+  early (ASHA) cannot know it is being stopped: its last epoch may lack test figures, and the result tables
+  and figures use its best-by-validation epoch, which always has them (`ltsearch.analysis.frames`).
+  What it saves on the quick start is measured in docs/benchmarks.md (benchmarks/lazy_test_eval.py).
+- `epoch`: every epoch, as before `best` existed.
+In stage 2 with the backbone's BN statistics frozen (`stage2.update_bn_stats: false`, the default) the backbone
+cannot change, so the val and test features are computed once (taken over from the stage-1 epoch stage 2
+starts from when this process evaluated it) and every stage-2 evaluation only runs the classifier on them:
+the same numbers, without a pass of the backbone over the test set each epoch. Staged mode's stage 2
+(`ltsearch.features.fit_classifier`) works on cached features throughout and evaluates test every epoch.
 Each stage is a `StageSetup` (`_stage1_setup`, `_stage2_setup`: what is trained, optimiser, loss, learning-rate
 schedule, MaxNorm, train/eval modes, logits of a batch) run by the one epoch loop `optim.train_epoch`.
 
@@ -21,7 +36,7 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -112,20 +127,42 @@ class _Run:
         self.history: list[dict] = []
         self.best: dict[int, dict] = {}  # stage -> {"metrics": ..., "model": state_dict}
         self.last: dict[int, dict] = {}  # stage -> metrics of its latest epoch
+        # Backbone features of the eval splits, kept only when a frozen-backbone stage 2 will reuse them:
+        # those of the latest epoch, of the best stage-1 epoch, and those stage 2 evaluates on.
+        self.keep_features = config.stage2.enabled and not config.stage2.update_bn_stats
+        self.epoch_features: dict[str, list] = {}
+        self.best_features: dict[str, list] = {}
+        self.frozen_features: dict[str, list] = {}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, tau: float) -> dict:
-        """Val and test metrics of the current model, plus those of its tau-normalised classifier."""
+    def evaluate(self, stage: int, splits: Iterable[str], tau: float) -> dict:
+        """Metrics of the current model on `splits` ("val", "test"; one without images is skipped), plus those
+        of its tau-normalised classifier and its classifier norms."""
         model = self.model
         model.eval()
+        batches = {split: self._features(stage, split) for split in splits if split in self.eval_loaders}
+        return classifier_metrics(model, batches, tau, self.groups, reduce=_all_sum)
 
-        def features(loader: TensorLoader):
-            for x, y in loader:
-                yield self._forward(model.features, x).float(), y
+    def _features(self, stage: int, split: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (backbone features, labels) of `split`: computed, or, in a stage 2 whose backbone cannot
+        change, computed once and reused."""
+        if stage == 2 and self.keep_features and split in self.frozen_features:
+            return self.frozen_features[split]
+        batches = ((self._forward(self.model.features, x).float(), y) for x, y in self.eval_loaders[split])
+        if not self.keep_features:
+            return batches  # streamed: nothing will reuse them
+        kept = self.epoch_features[split] = list(batches)
+        if stage == 2:
+            self.frozen_features[split] = kept
+        return kept
 
-        return classifier_metrics(model, {split: features(loader) for split, loader in self.eval_loaders.items()},
-                                  tau, self.groups, reduce=_all_sum)
+    def _improves(self, stage: int, metrics: dict) -> bool:
+        """Whether this epoch beats the stage's best validation accuracy (any later epoch does when there is
+        no val set); ties keep the earlier epoch."""
+        best = self.best.get(stage)
+        score = metrics.get("val_acc", metrics["epoch"])
+        return best is None or score > best["metrics"].get("val_acc", best["metrics"]["epoch"])
 
     # ---------------------------------------------------------------- checkpoints
     def state(self, stage: int, stage_epoch: int, optimizer: torch.optim.Optimizer) -> dict:
@@ -209,6 +246,9 @@ class _Run:
         if optimizer_state is not None:
             setup.optimizer.load_state_dict(optimizer_state)
         scaler = torch.amp.GradScaler("cuda") if self.config.trainer.precision == "fp16" else None
+        if stage == 2:  # a fresh stage 2 starts from the best stage-1 epoch: its features, when kept here
+            self.frozen_features = self.best_features if start_epoch == 0 else {}
+            self.best_features = {}
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             loader.set_epoch(epoch_offset + epoch)
@@ -220,21 +260,30 @@ class _Run:
                                        epoch_offset + epoch + 1)
 
             metrics = {"stage": stage, "epoch": epoch_offset + epoch + 1, "stage_epoch": epoch + 1,
-                       "lr": lr, "train_loss": train_loss, "world_size": self.world,
-                       **self.evaluate(self.config.posthoc.tau)}
+                       "lr": lr, "train_loss": train_loss, "world_size": self.world, "device": str(self.device)}
+            metrics.update(self.evaluate(stage, ["val"], self.config.posthoc.tau))
+            improves = self._improves(stage, metrics)
+            # test only where a result needs it (see the module docstring); every rank decides alike, from
+            # the summed val counts
+            test = self.config.trainer.test_every == "epoch" or improves or epoch + 1 == cfg.epochs
+            if test:
+                metrics.update(self.evaluate(stage, ["test"], self.config.posthoc.tau))
+            metrics["has_test"] = test and "test" in self.eval_loaders
             metrics["epoch_time_s"] = time.perf_counter() - started
-            self._track_best(stage, metrics)
+            self._track_best(stage, metrics, improves)
             self.last[stage] = metrics
             metrics["best_val_acc"] = self.best[stage]["metrics"].get("val_acc")
             self.history.append(_scalars(metrics))
             self.save_and_report(self.state(stage, epoch + 1, setup.optimizer), metrics, out_dir, report)
 
-    def _track_best(self, stage: int, metrics: dict) -> None:
-        """Keep the epoch with the best validation accuracy (the last epoch when there is no val set)."""
-        best = self.best.get(stage)
-        score = metrics.get("val_acc", metrics["epoch"])
-        if best is None or score > best["metrics"].get("val_acc", best["metrics"]["epoch"]):
+    def _track_best(self, stage: int, metrics: dict, improves: bool) -> None:
+        """Keep the epoch with the best validation accuracy (the last epoch when there is no val set), and
+        its eval features for a frozen-backbone stage 2 that will start from it."""
+        if improves:
             self.best[stage] = {"metrics": metrics, "model": copy.deepcopy(self.model.state_dict())}
+            if stage == 1:
+                self.best_features = dict(self.epoch_features)
+        self.epoch_features = {}
 
 
 def _scalars(metrics: dict) -> dict:

@@ -241,3 +241,117 @@ def test_resnet8_on_real_cifar10_lt_beats_chance(real_cifar10_root):
     summary = train(config)
     assert summary["num_train"] == 12386
     assert summary["stage1"]["best"]["test_acc"] > 20.0
+
+
+# ---------------------------------------------------------------------------- lazy test evaluation
+
+
+def _count_eval_passes(monkeypatch_context, passes: list[int]) -> None:
+    """Record the number of images of every evaluation pass over an eval split (train=False loaders)."""
+    from ltsearch.data import TensorLoader
+
+    original = TensorLoader.__iter__
+
+    def counted(self):
+        if not self.train:
+            passes.append(len(self.labels))
+        return original(self)
+
+    monkeypatch_context.setattr(TensorLoader, "__iter__", counted)
+
+
+def _without_feature_reuse(monkeypatch_context, run_class) -> None:
+    """Make the trainer compute stage 2's eval features every epoch, as it did before reusing them."""
+    init = run_class.__init__
+
+    def uncached(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.keep_features = False
+
+    monkeypatch_context.setattr(run_class, "__init__", uncached)
+
+
+@pytest.fixture(scope="module")
+def lazy_and_eager(cifar10_root):
+    """The same 4 + 3 epochs twice: `test_every: best` (the default), and `test_every: epoch` with stage 2's
+    feature reuse switched off (the evaluation as it was before lazy evaluation); the eval passes of each."""
+    from ltsearch import train as train_module
+
+    config = small_config(cifar10_root, **{"stage1.epochs": 4, "stage2.epochs": 3})
+    runs = {}
+    for mode in ("best", "epoch"):
+        passes: list[int] = []
+        with pytest.MonkeyPatch.context() as mp:
+            _count_eval_passes(mp, passes)
+            if mode == "epoch":
+                _without_feature_reuse(mp, train_module._Run)
+            summary = train(with_overrides(config, {"trainer.test_every": mode}))
+        runs[mode] = (summary, passes)
+    return runs
+
+
+def test_test_split_is_evaluated_at_new_best_val_epochs_and_stage_ends_only(lazy_and_eager):
+    summary, _ = lazy_and_eager["best"]
+    history, best_val = summary["history"], {}
+    for h in history:
+        last_of_stage = h["stage_epoch"] == (4 if h["stage"] == 1 else 3)
+        improves = h["stage"] not in best_val or h["val_acc"] > best_val[h["stage"]]
+        best_val[h["stage"]] = max(best_val.get(h["stage"], -1.0), h["val_acc"])
+        assert h["has_test"] == (improves or last_of_stage), h["epoch"]
+        test_keys = [k for k in h if k.startswith(("test_", "tau_test_"))]
+        assert bool(test_keys) == h["has_test"]  # absent, never 0 or None, where not evaluated
+        assert h["device"] == "cpu"
+    skipped = [h["epoch"] for h in history if not h["has_test"]]
+    assert skipped, "this schedule is meant to have epochs that do not improve validation"
+    for stage in ("stage1", "stage2"):  # the selected and the last epoch of each stage carry test figures
+        assert summary[stage]["best"]["test_acc"] is not None and summary[stage]["final"]["test_acc"] is not None
+        assert summary[stage]["best"]["test_per_class_acc"]
+
+
+def test_lazy_evaluation_reports_the_numbers_of_every_epoch_evaluation(lazy_and_eager):
+    """Skipping test epochs changes no number: every lazily reported value equals the eager run's (training
+    never depends on the test set), and stage 2's reused backbone features give the same metrics as a
+    backbone pass per epoch."""
+    lazy, eager = lazy_and_eager["best"][0], lazy_and_eager["epoch"][0]
+    assert all(h["has_test"] for h in eager["history"])
+    for a, b in zip(timeless(lazy["history"]), timeless(eager["history"]), strict=True):
+        a.pop("has_test"), b.pop("has_test")
+        assert a == {k: b[k] for k in a}
+    for stage in ("stage1", "stage2"):
+        assert lazy[stage]["best_epoch"] == eager[stage]["best_epoch"]
+        assert lazy[stage]["best"]["test_per_class_acc"] == eager[stage]["best"]["test_per_class_acc"]
+
+
+def test_lazy_evaluation_skips_test_passes_and_stage2_reuses_features(lazy_and_eager):
+    (lazy, lazy_passes), (_, eager_passes) = lazy_and_eager["best"], lazy_and_eager["epoch"]
+    val_images, test_images = 10 * 5, 10 * 20
+    assert eager_passes.count(val_images) == eager_passes.count(test_images) == 7  # both, every epoch
+    stage1_tests = sum(h["has_test"] for h in lazy["history"] if h["stage"] == 1)
+    assert lazy_passes.count(test_images) == stage1_tests  # none in stage 2: the selected epoch's features
+    assert lazy_passes.count(val_images) == 4  # val likewise: stage 2 reuses them too
+
+
+def test_without_a_validation_set_test_is_evaluated_every_epoch(cifar10_root):
+    summary = train(small_config(cifar10_root, **{"data.val_per_class": 0, "stage1.epochs": 3,
+                                                  "stage2.enabled": False}))
+    assert [h["has_test"] for h in summary["history"]] == [True, True, True]
+    assert all("test_acc" in h and "val_acc" not in h for h in summary["history"])
+    assert summary["stage1"]["best_epoch"] == 3
+
+
+def test_a_trial_stopped_at_any_epoch_keeps_a_test_figure_at_its_best_epoch(lazy_and_eager):
+    """ASHA can stop a trial after any epoch; its results.csv row must still have test figures where the
+    report plots them: at the best-by-validation epoch (`best_test_*`) when the last epoch has none."""
+    import pandas as pd
+
+    from ltsearch.search.results import trial_row
+    from ltsearch.space import SearchSettings
+
+    frame = pd.DataFrame(lazy_and_eager["best"][0]["history"])
+    settings = SearchSettings()
+    for stop in range(1, len(frame) + 1):
+        row = trial_row("t", {}, frame.iloc[:stop], None, settings, len(frame), "ASHA")
+        best = frame.iloc[:stop].loc[frame["val_acc"].iloc[:stop].idxmax()]
+        assert row["best_epoch"] == best["epoch"] and row["best_test_acc"] == best["test_acc"]
+        assert not pd.isna(row["best_test_acc"])
+        assert pd.isna(row["final_test_acc"]) == (not frame["has_test"].iloc[stop - 1])
