@@ -124,6 +124,42 @@ def test_accuracy_frame_is_tidy_and_skips_absent_groups(handmade):
     assert {"stage1.weight_decay", "model.nbn", "posthoc.tau", "outcome"} <= set(frame.columns)
 
 
+def test_stopped_trial_without_last_epoch_test_figures_shows_its_best_epochs(handmade):
+    """Lazy test evaluation (`trainer.test_every: best`): aaaa0003, stopped by ASHA at an epoch that did not
+    improve validation, has no final test figures, only those of its best-by-validation epoch. Frames and
+    figures show those and say so; a diverged trial (no final validation either) stays out; nothing is 0."""
+    results = pd.read_csv(handmade / "results.csv", dtype={"trial_id": str})
+    finals = [c for c in results if c.startswith(("final_test_acc", "final_tau_test_acc"))]
+    for column in finals:
+        results["best_" + column.removeprefix("final_")] = results[column] - 1.0
+    results.loc[results["trial_id"] == "aaaa0003", finals] = np.nan
+    results.loc[results["trial_id"] == "aaaa0002", [*finals, "final_val_acc", "objective"]] = np.nan  # diverged
+    results.to_csv(handmade / "results.csv", index=False)
+    exp = analysis.load_experiment(handmade)
+
+    frame = analysis.accuracy_frame(exp)
+    stopped = frame[frame["trial_id"] == "aaaa0003"].set_index("group")
+    assert stopped.at["overall", "accuracy"] == 33.0 and stopped.at["tail", "accuracy"] == 14.0
+    assert set(stopped["accuracy_at"]) == {"best-by-validation epoch"}
+    assert set(frame[frame["trial_id"] == "1234e567"]["accuracy_at"]) == {"last epoch"}
+    assert "aaaa0002" not in set(frame["trial_id"]) and frame["accuracy"].notna().all()
+    assert "few" not in set(frame["group"])  # absent from the dataset: absent at both epochs
+
+    top = analysis.top_trials(exp).set_index("trial_id")
+    assert top.at["aaaa0003", "final_test_acc"] == 33.0
+    assert top.at["aaaa0003", "accuracy_at"] == "best-by-validation epoch" and pd.isna(top.at["aaaa0002", "final_test_acc"])
+    pareto = analysis.pareto_frame(exp).set_index("trial_id")
+    assert pareto.at["aaaa0003", "tail_accuracy"] == 14.0 and "aaaa0002" not in pareto.index
+
+    fig = analysis.accuracy_figure(exp, "stage1.weight_decay")
+    drawn = [(y, c[1]) for t in fig.data for y, c in zip(t.y, t.customdata) if c[0] == "aaaa0003"]
+    assert (33.0, "best-by-validation epoch") in drawn and all(y != 0 for y, _ in drawn)
+    assert not any(c[0] == "aaaa0002" for t in fig.data for c in t.customdata)
+    parallel = analysis.parallel_coordinates_figure(exp).data[0]
+    test_axis = next(d for d in parallel.dimensions if d.label == "test accuracy (%)")
+    assert 33.0 in list(test_axis.values) and not np.isnan(np.asarray(test_axis.values, dtype=float)).any()
+
+
 def test_accuracy_figure_log_axis_panels_and_nbn_colour(handmade):
     exp = analysis.load_experiment(handmade)
     figures = analysis.accuracy_figures(exp)

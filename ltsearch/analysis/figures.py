@@ -23,6 +23,7 @@ from .frames import (
     importance_frame,
     pareto_frame,
     per_class_frame,
+    plotted_accuracies,
     progress_frame,
     survival_frame,
 )
@@ -125,7 +126,9 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
     """Accuracy of every trial against one searched parameter, one panel per accuracy group (overall and
     shot groups in the first row, size terciles in the second); coloured by NBN on/off when `model.nbn`
     was searched; the best trial (by validation) is a star, ASHA-stopped trials are open circles.
-    Against tau, the accuracy is the tau-normalised classifier's (`final_tau_*`): tau changes nothing else."""
+    Against tau, the accuracy is the tau-normalised classifier's (`final_tau_*`): tau changes nothing else.
+    A stopped trial whose last epoch has no test figures shows its best-by-validation epoch's (the hover
+    says which; `frames.plotted_accuracies`)."""
     tau = key == "posthoc.tau" and group_column(f"tau_{split}", "overall") in exp.results
     measured = f"tau_{split}" if tau else split
     frame = accuracy_frame(exp, measured)
@@ -145,8 +148,9 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
     fig = px.scatter(frame, x=key, y="accuracy", facet_col="group", color=colour,
                      facet_col_wrap=wrap, facet_row_spacing=0.16,
                      symbol="outcome", symbol_map=OUTCOME_SYMBOLS, color_discrete_map=NBN_COLOURS,
-                     category_orders=orders, hover_data=["trial_id"],
-                     labels={"accuracy": _metric_label(f"{measured}_acc"), "outcome": "trial"})
+                     category_orders=orders, hover_data=[c for c in ("trial_id", "accuracy_at") if c in frame],
+                     labels={"accuracy": _metric_label(f"{measured}_acc"), "outcome": "trial",
+                             "accuracy_at": "from its"})
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     fig.update_traces(marker={"size": 11})
     fig.update_traces(marker={"size": 18}, selector=lambda t: "best" in (t.name or ""))
@@ -256,7 +260,7 @@ def survival_figure(exp: Experiment) -> go.Figure:
 def parallel_coordinates_figure(exp: Experiment, split: str = "test") -> go.Figure:
     """Every trial as a line through its sampled values (log keys on log-spaced axes), the objective and
     the final test accuracy; coloured by the objective."""
-    rows = exp.final_rows().dropna(subset=["objective"])
+    rows = plotted_accuracies(exp.final_rows(), split).dropna(subset=["objective"])
     dimensions = []
     for key, dist in exp.space.items():
         values = rows[key]

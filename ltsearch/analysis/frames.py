@@ -2,6 +2,9 @@
 
 Accuracies are percentages of the TEST split by default (the search selected on validation; test is what
 it reports). Groups a dataset does not have, such as few-shot classes in CIFAR-10-LT, are missing, never 0.
+A trial's accuracy is that of its last epoch; where that epoch has no test figures (lazy test evaluation: a
+trial ASHA stopped at an epoch that did not improve validation), that of its best-by-validation epoch, which
+always has them (`plotted_accuracies`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from .experiment import Experiment, class_sizes, load_state
 
 __all__ = [
     "GROUPS", "accuracy_frame", "group_column", "importance_frame", "naive_baseline_trial", "pareto_frame",
-    "per_class_frame", "progress_frame", "survival_frame", "tail_pair", "top_trials",
+    "per_class_frame", "plotted_accuracies", "progress_frame", "survival_frame", "tail_pair", "top_trials",
 ]
 
 GROUPS = ("overall", "many", "medium", "few", "head", "middle", "tail")
@@ -33,31 +36,60 @@ def tail_pair(rows: pd.DataFrame, split: str) -> tuple[str, str]:
     return ("many", "few") if both else ("head", "tail")
 
 
+def plotted_accuracies(rows: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """`rows` (results.csv rows) with each trial's `final_{split}_acc*` as the figures plot them, and an
+    `accuracy_at` column saying which epoch they come from: "last epoch", or "best-by-validation epoch"
+    for a trial whose last epoch reported validation but no `split` figures. Under lazy test evaluation
+    (`trainer.test_every: best`) that is a trial ASHA stopped at an epoch that neither improved validation
+    nor ended a stage; its best-by-validation epoch (`best_{split}_acc*`) always has test figures. Nothing
+    else is filled in: a group the dataset lacks and a diverged trial stay missing."""
+    rows = rows.copy()
+    overall = group_column(split, "overall")
+    if overall not in rows:
+        return rows
+    reported = rows["final_val_acc"].notna() if "final_val_acc" in rows else pd.Series(False, index=rows.index)
+    best_overall = "best_" + overall.removeprefix("final_")
+    fill = rows[overall].isna() & reported & (rows[best_overall].notna() if best_overall in rows else False)
+    for group in GROUPS:
+        column = group_column(split, group)
+        best = "best_" + column.removeprefix("final_")
+        if column in rows and best in rows:
+            rows.loc[fill, column] = rows.loc[fill, best]
+    rows["accuracy_at"] = np.where(fill, "best-by-validation epoch",
+                                   np.where(rows[overall].notna(), "last epoch", None))
+    return rows
+
+
 def accuracy_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
     """One row per trial and accuracy group (overall, many, ..., tail): its sampled values, outcome and
-    final `split` accuracy (%). A group with no value (absent from the dataset) has no row."""
-    columns = {group_column(split, g): g for g in GROUPS if group_column(split, g) in exp.results}
-    ids = ["trial_id", *[c for c in ("phase", "outcome") if c in exp.results], *exp.space]
-    frame = exp.results.melt(id_vars=[c for c in ids if c in exp.results], value_vars=list(columns),
-                             var_name="group", value_name="accuracy")
+    `split` accuracy (%) as `plotted_accuracies` gives it, with `accuracy_at`. A group with no value (absent
+    from the dataset) has no row."""
+    results = plotted_accuracies(exp.results, split)
+    columns = {group_column(split, g): g for g in GROUPS if group_column(split, g) in results}
+    ids = ["trial_id", *[c for c in ("phase", "outcome", "accuracy_at") if c in results], *exp.space]
+    frame = results.melt(id_vars=[c for c in ids if c in results], value_vars=list(columns),
+                         var_name="group", value_name="accuracy")
     frame["group"] = frame["group"].map(columns)
     return frame.dropna(subset=["accuracy"]).reset_index(drop=True)
 
 
 def top_trials(exp: Experiment, n: int = 10, split: str = "test") -> pd.DataFrame:
-    """The `n` best trials by the search objective (validation), with their test accuracies."""
-    rows = exp.final_rows()
+    """The `n` best trials by the search objective (validation), with their test accuracies (as
+    `plotted_accuracies` gives them)."""
+    rows = plotted_accuracies(exp.final_rows(), split)
     rows = rows.sort_values("objective", ascending=exp.directions[0] == "min", na_position="last")
     _, tail = tail_pair(rows, split)
     columns = ["trial_id", *[c for c in ("phase", "stage1_trial") if c in rows], *exp.space, "objective",
-               "final_val_acc", f"final_{split}_acc", group_column(split, tail), "epochs", "outcome"]
+               "final_val_acc", f"final_{split}_acc", group_column(split, tail), "accuracy_at", "epochs", "outcome"]
+    if "accuracy_at" in rows and not (rows["accuracy_at"] == "best-by-validation epoch").any():
+        columns.remove("accuracy_at")  # every test figure is the last epoch's, as the header says
     return rows[[c for c in dict.fromkeys(columns) if c in rows]].head(n).reset_index(drop=True)
 
 
 def pareto_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
     """Per trial: head-side and tail-side accuracy (many/few, or head/tail) and whether it is on their
     Pareto front (no other trial at least as good on both and better on one)."""
-    rows = exp.final_rows()
+    rows = plotted_accuracies(exp.final_rows(), split)
     head, tail = tail_pair(rows, split)
     frame = pd.DataFrame({"trial_id": rows["trial_id"], "outcome": rows["outcome"],
                           "head_group": head, "tail_group": tail,
