@@ -41,11 +41,20 @@ def main(argv=None) -> int:
         return 2
     best = result.best
     metric = spec.search.metrics[0]
-    print(f"\n{len(result.results)} trials in {result.path}")
+    trials = result.results
+    searched = int((trials["phase"] != "confirm").sum()) if "phase" in trials else len(trials)
+    print(f"\n{searched} trials in {result.path}")
     if best:
-        print(f"best trial {best['trial_id']} by {metric} = {best['objective']:.2f} (validation): "
+        interval = (f", 95% interval {best['objective_lo']:.1f}-{best['objective_hi']:.1f}"
+                    if "objective_lo" in best else "")
+        print(f"best trial {best['trial_id']} by {metric} = {best['objective']:.2f} (validation{interval}): "
               f"val_acc {best.get('final_val_acc', float('nan')):.2f}, "
               f"test_acc {best.get('final_test_acc', float('nan')):.2f} (test: reported, never used to select)")
+        confirmed = best.get("confirmed")
+        if confirmed:
+            print(f"  chosen by confirmation: mean {metric} {confirmed['mean_objective']:.2f} over seeds "
+                  f"{confirmed['seeds']} (validation), mean test_acc "
+                  f"{confirmed.get('mean_test_acc', float('nan')):.2f} (reported)")
         print("  " + ", ".join(f"{k}={best[k]}" for k in spec.space if k in best))
     print(f"results: {result.path / 'results.csv'}; best config: {result.path / 'best_config.yaml'}")
     return 0

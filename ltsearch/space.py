@@ -34,6 +34,7 @@ from .config import (
 __all__ = [
     "DISTRIBUTIONS",
     "STAGE2_PREFIXES",
+    "Confirm",
     "Distribution",
     "SearchSettings",
     "SearchSpaceFile",
@@ -120,6 +121,21 @@ class Staged(StrictModel):
     views: int = Field(4, ge=1)  # augmented views of the training set cached per checkpoint
 
 
+class Confirm(StrictModel):
+    """After the search: re-train the `top_k` best configurations by validation once per seed of `seeds`
+    (fresh `trainer.seed` values) and choose the best MEAN validation objective over those seeds."""
+
+    top_k: int = Field(3, ge=1)  # configurations to confirm (staged mode: stage-2 configurations)
+    seeds: list[int] = Field(min_length=1)  # trainer.seed of each re-training; the search's own seed excluded
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+
 class SearchSettings(StrictModel):
     mode: Literal["joint", "staged"] = "joint"
     num_samples: int = Field(8, ge=1)
@@ -132,6 +148,7 @@ class SearchSettings(StrictModel):
     staged: Staged = Staged()
     max_failures: int = Field(2, ge=0)  # restarts of a trial from its last checkpoint
     keep_checkpoints: int = Field(2, ge=1)  # checkpoints kept per trial
+    confirm: Confirm | None = None  # None: the search's best single run is the choice
 
     @field_validator("metric")
     @classmethod
@@ -287,6 +304,13 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None,
             if "val_" in metric:
                 raise ConfigError(f"{source}: search.metric: {metric} needs a validation set, but "
                                   "base.data.val_per_class is 0")
+    if search.confirm is not None:
+        if "trainer.seed" in space:
+            raise ConfigError(f"{source}: search.confirm: re-trains with its own trainer.seed values, so "
+                              "trainer.seed cannot also be searched; remove it from space or drop confirm")
+        if base.trainer.seed in search.confirm.seeds:
+            raise ConfigError(f"{source}: search.confirm.seeds: {base.trainer.seed} is the search's own "
+                              "trainer.seed; confirmation needs fresh seeds")
     for key in space:
         reason = inert_reason(key, space, base, search.metrics)
         if reason:

@@ -305,6 +305,120 @@ def test_report_top_trials_table_scrolls_sideways(handmade, capsys):
     assert any("overflow-x:auto" in style for style in parser.found[0])
 
 
+# validation noise and a confirmation phase, added to the hand-made experiment as the search writes them
+VAL_IMAGES = {"overall": 50, "many": 20, "medium": 30, "few": 0, "head": 20, "middle": 10, "tail": 20}
+INTERVALS = {"1234e567": (27.6, 53.8, True), "aaaa0001": (19.1, 43.6, True), "aaaa0002": (11.2, 33.0, False),
+             "aaaa0003": (23.3, 48.7, True)}
+# per confirmed configuration: seeds' validation accuracies; aaaa0003 (35 in the search) beats the search's
+# pick 1234e567 (40 in the search) on the mean over two fresh seeds
+CONFIRM = {"1234e567": [30.0, 32.0], "aaaa0003": [36.0, 38.0]}
+
+
+def _add_confirmation(exp: Path) -> Path:
+    results = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
+    for column, i in (("objective_lo", 0), ("objective_hi", 1), ("tied_with_best", 2)):
+        results[column] = results["trial_id"].map(lambda t, i=i: INTERVALS.get(t, (None,) * 3)[i])
+    results.insert(0, "phase", "search")
+    confirm, runs = [], []
+    for rank, (trial_id, values) in enumerate(sorted(CONFIRM.items(), key=lambda kv: -sum(kv[1])), start=1):
+        source = results.set_index("trial_id").loc[trial_id]
+        confirm.append({"phase": "confirm", "trial_id": f"confirm_{trial_id}", "confirmed_trial": trial_id,
+                        "confirm_rank": rank, "stage1.weight_decay": source["stage1.weight_decay"],
+                        "seeds": "1 2", "runs": 2, "runs_ok": 2, "mean_objective": np.mean(values),
+                        "std_objective": np.std(values, ddof=1), "mean_test_acc": np.mean(values) - 1,
+                        "search_objective": source["objective"], "status": "TERMINATED",
+                        "stop_reason": "confirmed over 2 seeds"})
+        runs += [{"trial_id": f"c{trial_id}{seed}", "confirmed_trial": trial_id, "seed": seed, "objective": v,
+                  "final_val_acc": v, "status": "TERMINATED"} for seed, v in zip((1, 2), values)]
+    pd.concat([results, pd.DataFrame(confirm)]).to_csv(exp / "results.csv", index=False)
+    pd.DataFrame(runs).to_csv(exp / "confirm.csv", index=False)
+    history = pd.read_csv(exp / "history.csv", dtype={"trial_id": str})
+    extra = pd.DataFrame({"trial_id": "c1234e5671", "epoch": [1], "val_acc": [99.0], "timestamp": [5000],
+                          "time_total_s": [10.0]})
+    pd.concat([history.assign(phase="search"), extra.assign(phase="confirm")]).to_csv(exp / "history.csv",
+                                                                                        index=False)
+    summary = json.loads((exp / "summary.json").read_text())
+    summary.update(best={"trial_id": "aaaa0003"}, validation={"images": VAL_IMAGES, "per_class": 5},
+                   confirm={"seeds": [1, 2], "search_pick": "1234e567", "confirmed_pick": "aaaa0003"})
+    (exp / "summary.json").write_text(json.dumps(summary))
+    return exp
+
+
+@pytest.fixture
+def confirmed(handmade) -> Path:
+    return _add_confirmation(handmade)
+
+
+def test_confirmation_rows_leave_the_trials_table(confirmed):
+    exp = analysis.load_experiment(confirmed)
+    assert "phase" not in exp.results and "phase" not in exp.history  # a joint search, as before
+    assert len(exp.results) == len(TRIALS) and not any(c.startswith("mean_") for c in exp.results)
+    assert exp.history["val_acc"].max() < 99  # confirmation epochs are no search progress
+    assert exp.confirmation["confirmed_trial"].tolist() == ["aaaa0003", "1234e567"]
+    assert len(exp.confirm_runs) == 4 and set(exp.confirm_runs["confirmed_trial"]) == {"aaaa0003", "1234e567"}
+    assert exp.best_trial == "aaaa0003" and exp.search_pick == "1234e567"
+    assert exp.results.set_index("trial_id").at["aaaa0003", "outcome"] == "best by validation"
+    assert analysis.survival_frame(exp)["trials"].tolist() == [4, 3, 3, 2, 2]  # unchanged by confirmation
+    assert len(analysis.accuracy_frame(exp)) == 4 * 6
+
+
+def test_selection_frame_and_figure_show_intervals_ties_and_both_picks(confirmed):
+    exp = analysis.load_experiment(confirmed)
+    frame = analysis.selection_frame(exp)
+    assert frame["trial_id"].tolist() == ["1234e567", "aaaa0003", "aaaa0001", "aaaa0002"]
+    assert frame["tied_with_best"].tolist() == [True, True, True, False]
+    assert (frame["lo"].iat[0], frame["hi"].iat[0]) == (27.6, 53.8)
+    assert frame.loc[frame["search_pick"], "trial_id"].tolist() == ["1234e567"]
+    assert frame.loc[frame["chosen"], "trial_id"].tolist() == ["aaaa0003"]
+    confirm = analysis.confirmation_frame(exp)
+    assert confirm["confirmed_trial"].tolist() == ["aaaa0003"] * 2 + ["1234e567"] * 2
+    assert confirm["mean_objective"].tolist()[:2] == [37.0, 37.0]
+    assert confirm["chosen"].tolist()[:2] == [True, True]
+    fig = analysis.selection_figure(exp)
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["search run: tied with the best", "search run: resolved: worse than the best"]
+    assert {"re-trained with a fresh seed", "mean ± std over the fresh seeds"} <= set(names)
+    assert names[-1] == "chosen (best mean over seeds)" and list(fig.data[-1].x) == [2]
+    assert list(fig.layout.xaxis.ticktext) == ["#1 1234e567", "#2 aaaa0003", "#3 aaaa0001", "#4 aaaa0002"]
+    tied = fig.data[0]
+    assert list(tied.error_y.array) == pytest.approx([13.8, 13.7, 13.6])  # 53.8 - 40, 48.7 - 35, 43.6 - 30
+    assert "50 validation images" in fig.layout.title.text
+
+
+def test_validation_accuracy_figure_and_progress_carry_the_interval(confirmed):
+    exp = analysis.load_experiment(confirmed)
+    frame = analysis.accuracy_frame(exp, "val")
+    # 40 % of 50 images (20 correct): centre (0.4 + 0.038416)/1.076832 = 0.407143, half
+    # 1.96 * sqrt(0.24/50 + 3.8416/10000) / 1.076832 = 1.96 * 0.0719828 / 1.076832 = 0.131020: [27.6, 53.8]
+    best = frame[frame["trial_id"] == "1234e567"].iloc[0]
+    assert (best["accuracy_lo"], best["accuracy_hi"]) == pytest.approx((27.61, 53.82), abs=0.02)
+    fig = analysis.accuracy_figure(exp, "stage1.weight_decay", "val")
+    assert fig.layout.title.text.startswith("Validation accuracy with 95% intervals vs stage-1 weight decay")
+    assert all(t.error_y.array is not None for t in fig.data)
+    assert analysis.accuracy_figure(exp, "stage1.weight_decay").data[0].error_y.array is None  # test: no bars
+    progress = analysis.progress_frame(exp)
+    assert (progress["best_so_far_lo"] < progress["best_so_far"]).all()
+    assert "95% interval of the best (validation set)" in {t.name for t in analysis.progress_figure(exp).data}
+
+
+def test_report_marks_ties_and_shows_the_search_pick_against_the_confirmed_one(confirmed, capsys):
+    assert main(["report", str(confirmed), "--no-png"]) == 0
+    page = (confirmed / "report.html").read_text()
+    assert "95% interval" in page and "<td>27.6-53.8</td>" in page and "<td>tied</td>" in page
+    assert "Validation set: 50 images (5 per class)" in page and "3 of 4 trials are statistically tied" in page
+    assert "Confirmation: the top 2 re-trained with fresh seeds [1, 2]" in page
+    assert "trial aaaa0003 has the best mean, not the search&#x27;s pick 1234e567" in page
+    assert 'id="selection-section"' in page
+    assert "Best configuration (trial aaaa0003, the best mean over fresh seeds)" in page
+
+
+def test_report_of_an_experiment_from_before_intervals(handmade, capsys):
+    """Folders written before validation noise was recorded still report (without intervals)."""
+    assert main(["report", str(handmade), "--no-png"]) == 0
+    frame = analysis.selection_frame(analysis.load_experiment(handmade))
+    assert frame["lo"].isna().all() and frame["tied_with_best"].isna().all()
+
+
 def test_report_of_a_folder_that_is_no_experiment(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.csv" in capsys.readouterr().err
@@ -440,7 +554,7 @@ def test_report_command_on_a_real_search(real_search, capsys):
     page = (real_search / "report.html").read_text()
     exp = analysis.load_experiment(real_search)
     figures = analysis.all_figures(exp)
-    assert len(figures) == 4 + 2 + 5
+    assert len(figures) == 4 + 2 + 6
     for name, fig in figures.items():
         assert f'id="{name}-section"' in page
         assert html.escape(fig.layout.title.text) in page

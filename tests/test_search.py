@@ -190,3 +190,86 @@ def test_stage2_when_conditions_see_the_stage1_parents_values(local_ray, cifar10
     table, _ = search_stage2(tmp_path, spec, ["stage2.weight_decay"], {"p": parent}, {"p": local_ray.put(cache)},
                              {"CPU": 2.0}, resume=False)
     assert len(table) == 4 and table["stage2.weight_decay"].notna().all()
+
+
+def test_confirmation_retrains_the_top_trials_with_fresh_seeds_and_chooses_by_the_mean(local_ray, cifar10_root,
+                                                                                       tmp_path, capsys):
+    """Joint mode: 3 search trials, the top 2 re-trained with seeds 1 and 2 as a grid Tune phase; the choice,
+    best_config.yaml and summary.json follow the best mean; --resume of the finished experiment keeps the
+    confirmation runs (Tune restores the phase, nothing re-trains)."""
+    from ltsearch.search import run_search
+
+    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, space={
+        "stage1.weight_decay": {"loguniform": [1e-4, 1e-1]}},
+        search={"num_samples": 3, "sampler": {"type": "random", "seed": 0}, "max_concurrent": 2,
+                "confirm": {"top_k": 2, "seeds": [1, 2]}})
+    spec = load_search_space(path)
+    result = run_search(spec, storage=tmp_path / "runs", name="confirm")
+    out = capsys.readouterr().out
+    assert "Confirmation: re-training the top 2 configurations by val_acc" in out
+    table = pd.read_csv(result.path / "results.csv", dtype={"trial_id": str, "confirmed_trial": str})
+    search, confirm = table[table["phase"] == "search"], table[table["phase"] == "confirm"]
+    assert len(search) == 3 and len(confirm) == 2
+    for column in ("val_images", "objective_lo", "objective_hi", "final_val_acc_lo", "best_val_acc_hi",
+                   "tied_with_best"):
+        assert search[column].notna().all(), column
+    assert (search["val_images"] == 50).all()  # 10 classes x 5 validation images
+    assert (search["objective_lo"] <= search["objective"]).all()
+    assert (search["objective"] <= search["objective_hi"]).all()
+    ranked = search.sort_values(["objective", "epochs", "trial_id"], ascending=[False, False, True])
+    top2 = ranked["trial_id"].head(2)
+    assert set(confirm["confirmed_trial"]) == set(top2)
+
+    runs = pd.read_csv(result.path / "confirm.csv", dtype={"trial_id": str, "confirmed_trial": str})
+    assert len(runs) == 4 and sorted(runs["seed"]) == [1, 1, 2, 2] and (runs["stop_reason"] == "completed").all()
+    assert runs["checkpoint"].str.contains("/confirm/").all()
+    history = pd.read_csv(result.path / "history.csv", dtype={"trial_id": str})
+    seeds = history[history["phase"] == "confirm"].groupby("trial_id")["epoch"].count()
+    assert sorted(seeds.index) == sorted(runs["trial_id"])  # one epoch each, recorded
+    means = runs.groupby("confirmed_trial")["final_val_acc"].mean()
+    assert confirm.set_index("confirmed_trial")["mean_val_acc"].to_dict() == pytest.approx(means.to_dict())
+    chosen = means.idxmax() if means.nunique() > 1 else confirm.iloc[0]["confirmed_trial"]
+    summary = json.loads((result.path / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == chosen == summary["confirm"]["confirmed_pick"]
+    assert summary["confirm"]["search_pick"] == top2.iloc[0]  # equal values: ranked by trial id, as on resume
+    assert json.loads((result.path / "confirm_plan.json").read_text()) == {"candidates": top2.tolist(),
+                                                                          "seeds": [1, 2]}
+    best = yaml.safe_load((result.path / "best_config.yaml").read_text())
+    chosen_wd = search.set_index("trial_id").at[chosen, "stage1.weight_decay"]
+    assert best["stage1"]["weight_decay"] == pytest.approx(chosen_wd) and best["trainer"]["seed"] == 0
+
+    again = run_search(spec, storage=tmp_path / "runs", name="confirm", resume=True)
+    rerun = pd.read_csv(again.path / "confirm.csv", dtype={"trial_id": str})
+    assert sorted(rerun["trial_id"]) == sorted(runs["trial_id"])
+    kept = rerun.set_index("trial_id")["final_val_acc"]
+    assert kept.to_dict() == runs.set_index("trial_id")["final_val_acc"].to_dict()
+
+
+def test_staged_confirmation_retrains_the_parent_and_refits_stage2(local_ray, cifar10_root, tmp_path):
+    from ltsearch.search import run_search
+
+    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, stage2_epochs=1, space={
+        "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]},
+        "stage2.weight_decay": {"loguniform": [1e-3, 1.0]},
+    }, search={"mode": "staged", "num_samples": 2, "staged": {"top_k": 2, "num_samples": 4, "views": 1},
+               "confirm": {"top_k": 2, "seeds": [5]}})
+    result = run_search(load_search_space(path), storage=tmp_path / "runs", name="staged_confirm")
+    table = pd.read_csv(result.path / "results.csv", dtype={"trial_id": str, "stage1_trial": str,
+                                                             "confirmed_trial": str})
+    stage2, confirm = table[table["phase"] == "stage2"], table[table["phase"] == "confirm"]
+    top2 = stage2.sort_values(["objective", "epochs", "trial_id"], ascending=[False, False, True]).head(2)
+    assert set(confirm["confirmed_trial"]) == set(top2["trial_id"])
+    runs = pd.read_csv(result.path / "confirm.csv", dtype={"trial_id": str, "confirmed_trial": str,
+                                                           "stage1_trial": str, "stage1_run": str})
+    assert len(runs) == 2 and (runs["seed"] == 5).all() and (runs["stop_reason"] == "completed").all()
+    # each confirmed stage-2 configuration is re-fitted on its own parent, re-trained with seed 5
+    assert runs.set_index("confirmed_trial")["stage1_trial"].to_dict() == top2.set_index("trial_id")[
+        "stage1_trial"].to_dict()
+    assert runs["checkpoint"].str.contains("/confirm/").all()
+    assert runs["stage1_run"].nunique() == top2["stage1_trial"].nunique()  # one re-training per parent and seed
+    assert (runs["final_val_acc"] == runs["objective"]).all()
+    best = yaml.safe_load((result.path / "best_config.yaml").read_text())
+    chosen = json.loads((result.path / "summary.json").read_text())["best"]["trial_id"]
+    assert chosen == confirm.sort_values("confirm_rank")["confirmed_trial"].iloc[0]
+    chosen_wd = stage2.set_index("trial_id").at[chosen, "stage2.weight_decay"]
+    assert best["stage2"]["weight_decay"] == pytest.approx(chosen_wd)

@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 
 from ltsearch.config import ExperimentConfig
-from ltsearch.search.results import best_row, planned_epochs, rank_trials, sampled_values, trial_row
+from ltsearch.search.results import (
+    add_validation_noise,
+    best_row,
+    planned_epochs,
+    rank_trials,
+    sampled_values,
+    selection_rows,
+    trial_row,
+)
 from ltsearch.space import SearchSettings
 
 MAX = SearchSettings()
@@ -93,3 +101,61 @@ def test_best_row_is_a_stage2_row_in_staged_mode():
 def test_sampled_values_skip_keys_a_condition_left_out():
     row = pd.Series({"stage1.lr": 0.1, "model.nbn_all_bn": math.nan})
     assert sampled_values(row, ["stage1.lr", "model.nbn_all_bn", "absent"]) == {"stage1.lr": pytest.approx(0.1)}
+
+
+def noisy_table() -> pd.DataFrame:
+    """Four trials of a quick-start-sized validation set (200 images, 20 per class)."""
+    return pd.DataFrame([
+        {"trial_id": "a", "status": "TERMINATED", "epochs": 6, "objective": 30.5, "final_val_acc": 30.5,
+         "best_val_acc": 31.0},
+        {"trial_id": "b", "status": "TERMINATED", "epochs": 6, "objective": 28.5, "final_val_acc": 28.5,
+         "best_val_acc": 28.5},
+        {"trial_id": "c", "status": "TERMINATED", "epochs": 2, "objective": 12.0, "final_val_acc": 12.0,
+         "best_val_acc": 12.0},
+        {"trial_id": "d", "status": "ERROR", "epochs": 0, "objective": math.nan, "final_val_acc": math.nan,
+         "best_val_acc": math.nan},
+    ])
+
+
+IMAGES = {"overall": 200, "many": 60, "medium": 140, "few": 0, "head": 60, "middle": 80, "tail": 60}
+
+
+def test_validation_noise_columns_ties_and_note():
+    table, note = add_validation_noise(noisy_table(), MAX, [IMAGES] * 4, classes=10)
+    rows = table.set_index("trial_id")
+    assert rows["val_images"].tolist() == [200] * 4
+    # 61 of 200 (hand-worked in test_selection): [24.54, 37.20]
+    assert (rows.at["a", "objective_lo"], rows.at["a", "objective_hi"]) == pytest.approx((24.54, 37.20), abs=0.01)
+    assert rows.at["a", "best_val_acc_lo"] < 31.0 < rows.at["a", "best_val_acc_hi"]
+    assert math.isnan(rows.at["d", "objective_lo"])
+    assert rows["tied_with_best"].tolist()[:3] == [True, True, False] and pd.isna(rows.at["d", "tied_with_best"])
+    assert note.startswith("validation has 200 images") and "2 of 3 trials" in note
+    assert "(data.val_per_class: 408)" in note
+
+
+def test_validation_noise_of_a_group_objective_and_of_a_loss():
+    few = SearchSettings(metric="val_acc_tail")
+    table, _ = add_validation_noise(noisy_table(), few, [IMAGES] * 4)
+    assert table["val_images"].tolist() == [60] * 4  # the tail third's 3 classes x 20 images
+    assert table.at[0, "objective_hi"] - table.at[0, "objective_lo"] > 20  # +-11 points on 60 images
+    table, note = add_validation_noise(noisy_table().assign(objective=[0.3, 0.2, 0.1, math.nan]), MIN_LOSS,
+                                       [IMAGES] * 4)
+    assert table["objective_lo"].isna().all() and table["tied_with_best"].isna().all() and note is None
+    assert table["final_val_acc_lo"].notna().sum() == 3  # validation accuracy keeps its interval
+
+
+def test_staged_ties_are_per_phase_and_stage1_is_judged_at_its_best_epoch():
+    staged = noisy_table().assign(phase=["stage1", "stage1", "stage2", "stage2"],
+                                  best_val_acc=[10.0, 40.0, 12.0, math.nan])
+    table, note = add_validation_noise(staged, MAX, [IMAGES] * 4)
+    # stage 1 ranks parents by best_val_acc: 40 against 10 is resolved; stage 2 has one trial with a value
+    assert table["tied_with_best"].tolist()[:3] == [False, True, True]
+    assert note is None
+
+
+def test_selection_rows_leave_confirmation_rows_out():
+    joint = table().assign(phase=["search", "search", "search", "confirm"])
+    assert selection_rows(joint)["trial_id"].tolist() == ["a", "b", "c"]
+    staged = table().assign(phase=["stage1", "stage2", "stage2", "confirm"])
+    assert selection_rows(staged)["trial_id"].tolist() == ["b", "c"]
+    assert best_row(joint.assign(final_val_acc=[1.0, 2.0, 3.0, 99.0]), MAX)["trial_id"] == "b"

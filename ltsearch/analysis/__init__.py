@@ -20,15 +20,18 @@ from .figures import (
     pareto_figure,
     per_class_figures,
     progress_figure,
+    selection_figure,
     survival_figure,
 )
 from .frames import (
     accuracy_frame,
+    confirmation_frame,
     importance_frame,
     naive_baseline_trial,
     pareto_frame,
     per_class_frame,
     progress_frame,
+    selection_frame,
     survival_frame,
     top_trials,
 )
@@ -36,8 +39,8 @@ from .report import NoSuccessfulTrialError, all_figures, write_report
 
 __all__ = [
     "OUTCOME_SYMBOLS", "Experiment", "NoSuccessfulTrialError", "accuracy_figure", "accuracy_figures",
-    "accuracy_frame", "all_figures", "importance_figure", "importance_frame", "load_experiment",
-    "naive_baseline_trial", "parallel_coordinates_figure", "pareto_figure", "pareto_frame",
-    "per_class_figures", "per_class_frame", "progress_figure", "progress_frame", "survival_figure",
-    "survival_frame", "top_trials", "write_report",
+    "accuracy_frame", "all_figures", "confirmation_frame", "importance_figure", "importance_frame",
+    "load_experiment", "naive_baseline_trial", "parallel_coordinates_figure", "pareto_figure", "pareto_frame",
+    "per_class_figures", "per_class_frame", "progress_figure", "progress_frame", "selection_figure",
+    "selection_frame", "survival_figure", "survival_frame", "top_trials", "write_report",
 ]

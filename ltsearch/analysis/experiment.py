@@ -3,7 +3,7 @@ best_config.yaml, the trials' checkpoints), read into an `Experiment`. Never imp
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +16,11 @@ from ..files import CHECKPOINT_FILE
 from ..metrics import is_missing
 from ..space import DISTRIBUTIONS, STAGE2_PREFIXES
 
-__all__ = ["OUTCOMES", "Experiment", "class_sizes", "load_experiment", "load_state"]
+__all__ = ["CONFIRM_ONLY", "OUTCOMES", "Experiment", "class_sizes", "load_experiment", "load_state"]
 
+# columns only confirmation rows have in results.csv (with the `mean_*` and `std_*` ones)
+CONFIRM_ONLY = ("confirmed_trial", "confirm_rank", "seeds", "runs", "runs_ok", "search_objective",
+                "search_objective_lo", "search_objective_hi")
 # a trial's `outcome`, in the order figures list them
 OUTCOMES = ("best by validation", "completed", "stopped early (ASHA)", "error")
 
@@ -36,6 +39,10 @@ class Experiment:
     best_trial: str | None
     best_config: dict | None
     summary: dict
+    # the confirmation phase (`search.confirm`), empty without one: one row per confirmed configuration
+    # (mean and std over seeds, best mean first) and one row per confirmed configuration and seed
+    confirmation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    confirm_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def name(self) -> str:
@@ -44,6 +51,18 @@ class Experiment:
     @property
     def objective(self) -> str:
         return self.metrics[0]
+
+    @property
+    def search_pick(self) -> str | None:
+        """The trial the search alone would have chosen (its best single run by validation); the same as
+        `best_trial` unless a confirmation phase chose another configuration by its mean over seeds."""
+        return self.summary.get("confirm", {}).get("search_pick", self.best_trial)
+
+    @property
+    def validation_images(self) -> dict[str, int]:
+        """Validation images overall and per class group ("many", ..., "tail"); empty when the search
+        did not record them (searches before they were)."""
+        return self.summary.get("validation", {}).get("images", {})
 
     def rows_sampling(self, key: str) -> pd.DataFrame:
         """The trials that sampled `key`: in a staged search, stage-2 keys come from the stage-2 phase."""
@@ -87,7 +106,8 @@ def load_experiment(path: str | Path) -> Experiment:
         kind = next(k for k in DISTRIBUTIONS if dist.get(k) is not None)
         space[key] = {"kind": kind, "args": dist[kind]}
     search = spec.get("search", {})
-    ids = {"trial_id": str, "stage1_trial": str}  # Tune's hex ids can look like numbers ("1234e567")
+    # Tune's hex ids can look like numbers ("1234e567")
+    ids = {"trial_id": str, "stage1_trial": str, "confirmed_trial": str}
     try:
         results = pd.read_csv(path / "results.csv", dtype=ids)
     except pd.errors.EmptyDataError:  # no trial ran: the search wrote an empty table
@@ -97,6 +117,22 @@ def load_experiment(path: str | Path) -> Experiment:
         history = pd.read_csv(history_file, dtype=ids)
     else:
         history = pd.DataFrame(columns=["trial_id", "epoch"])
+    # a search with confirmation: its rows leave the trials' table, and joint mode's `phase: search` with them
+    confirmation = pd.DataFrame()
+    if "phase" in results:
+        confirmation = results[results["phase"] == "confirm"].dropna(axis=1, how="all").reset_index(drop=True)
+        results = results[results["phase"] != "confirm"].reset_index(drop=True)
+        only = [c for c in results if c in CONFIRM_ONLY or c.startswith(("mean_", "std_"))]
+        results = results.drop(columns=only)
+        if set(results["phase"]) <= {"search"}:
+            results = results.drop(columns="phase")
+        if "phase" in history:
+            history = history[history["phase"] != "confirm"].reset_index(drop=True)
+            if set(history["phase"]) <= {"search"}:
+                history = history.drop(columns="phase")
+    confirm_file = path / "confirm.csv"
+    confirm_runs = (pd.read_csv(confirm_file, dtype={**ids, "confirmed_trial": str})
+                    if confirm_file.is_file() and confirm_file.stat().st_size > 1 else pd.DataFrame())
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     best_trial = summary.get("best", {}).get("trial_id")
     best_config_file = path / "best_config.yaml"
@@ -108,7 +144,7 @@ def load_experiment(path: str | Path) -> Experiment:
         stage1_epochs=int(spec.get("base", {}).get("stage1", {}).get("epochs", 0)),
         best_trial=None if best_trial is None else str(best_trial),
         best_config=yaml.safe_load(best_config_file.read_text()) if best_config_file.is_file() else None,
-        summary=summary)
+        summary=summary, confirmation=confirmation, confirm_runs=confirm_runs)
 
 
 def _outcomes(results: pd.DataFrame, best_trial: str | None) -> pd.Series:

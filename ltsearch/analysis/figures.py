@@ -19,18 +19,20 @@ from .experiment import OUTCOMES, Experiment
 from .frames import (
     GROUPS,
     accuracy_frame,
+    confirmation_frame,
     group_column,
     importance_frame,
     pareto_frame,
     per_class_frame,
     plotted_accuracies,
     progress_frame,
+    selection_frame,
     survival_frame,
 )
 
 __all__ = [
     "OUTCOME_SYMBOLS", "accuracy_figure", "accuracy_figures", "importance_figure", "parallel_coordinates_figure",
-    "pareto_figure", "per_class_figures", "progress_figure", "survival_figure",
+    "pareto_figure", "per_class_figures", "progress_figure", "selection_figure", "survival_figure",
 ]
 
 SHOT_GROUPS = ("overall", "many", "medium", "few")  # the first row of an accuracy figure; terciles below
@@ -50,6 +52,7 @@ KEY_UNITS = {"stage2.maxnorm_thresh": "fraction of the stage-1 norm range",
              "posthoc.tau": "exponent of the post-hoc norm division"}
 OUTCOME_SYMBOLS = dict(zip(OUTCOMES, ("star", "circle", "circle-open", "x"), strict=True))
 NBN_COLOURS = {"NBN off": "#4C78A8", "NBN on": "#F58518"}
+_SPLITS = {"test": "Test", "val": "Validation"}
 FONT_SIZE = 14
 WIDE, TALL = 1200, 720
 
@@ -145,12 +148,17 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
         colour = "NBN"
         frame[colour] = np.where(frame["model.nbn"].astype(str).str.lower() == "true", "NBN on", "NBN off")
     wrap = max(len(shot), len(present) - len(shot))
+    bars = {}
+    if "accuracy_lo" in frame:  # validation accuracy: error bars of the validation set's 95 % interval
+        frame["above"] = frame["accuracy_hi"] - frame["accuracy"]
+        frame["below"] = frame["accuracy"] - frame["accuracy_lo"]
+        bars = {"error_y": "above", "error_y_minus": "below"}
     fig = px.scatter(frame, x=key, y="accuracy", facet_col="group", color=colour,
                      facet_col_wrap=wrap, facet_row_spacing=0.16,
                      symbol="outcome", symbol_map=OUTCOME_SYMBOLS, color_discrete_map=NBN_COLOURS,
                      category_orders=orders, hover_data=[c for c in ("trial_id", "accuracy_at") if c in frame],
                      labels={"accuracy": _metric_label(f"{measured}_acc"), "outcome": "trial",
-                             "accuracy_at": "from its"})
+                             "accuracy_at": "from its"}, **bars)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     fig.update_traces(marker={"size": 11})
     fig.update_traces(marker={"size": 18}, selector=lambda t: "best" in (t.name or ""))
@@ -158,11 +166,14 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
     fig.update_xaxes(showticklabels=True, **{**axis, "title_text": None})
     # an explicit x range on matched log axes breaks plotly.js's shared y autorange: set y from the data
     low, high = frame["accuracy"].min(), frame["accuracy"].max()
+    if bars:
+        low, high = frame["accuracy_lo"].min(), frame["accuracy_hi"].max()
     pad = 0.08 * max(high - low, 10.0)
     fig.update_yaxes(range=[max(low - pad, -3), min(high + pad, 103)])
     fig.add_annotation(text=axis["title_text"], xref="paper", yref="paper", x=0.5, y=0, yanchor="top",
                        yshift=-40, showarrow=False, font={"size": FONT_SIZE + 2})
-    what = f"{split.capitalize()} accuracy{' (tau-normalised classifier)' if tau else ''}"
+    what = f"{_SPLITS.get(split, split)} accuracy{' (tau-normalised classifier)' if tau else ''}"
+    what += " with 95% intervals" if bars else ""
     return _style(fig, f"{what} vs {_key_name(key)} ({exp.name})",
                   height=TALL if len(present) > wrap else 460)
 
@@ -225,6 +236,64 @@ def per_class_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figu
 # ---------------------------------------------------------------------------- the search itself
 
 
+TIE_COLOURS = {"tied with the best": "#F58518", "resolved: worse than the best": "#9E9E9E",
+               "no interval": "#4C78A8"}
+
+
+def selection_figure(exp: Experiment) -> go.Figure:
+    """The top trials by the objective (validation), best first, each with the validation set's 95 %
+    interval, coloured by whether it is statistically tied with the best. With a confirmation phase, each
+    confirmed configuration also shows its re-trainings with fresh seeds (small diamonds) and their mean
+    and std (a black bar); the chosen configuration is starred."""
+    frame = selection_frame(exp)
+    frame["verdict"] = frame["tied_with_best"].map(
+        {True: "tied with the best", False: "resolved: worse than the best"}).fillna("no interval")
+    frame["label"] = [f"#{r} {t}" for r, t in zip(frame["rank"], frame["trial_id"])]
+    objective = _metric_label(exp.objective)
+    confirm = confirmation_frame(exp)
+    shift = 0.15 if not confirm.empty else 0.0  # search runs left, fresh-seed runs right of each rank
+    fig = go.Figure()
+    for verdict, colour in TIE_COLOURS.items():
+        part = frame[frame["verdict"] == verdict]
+        if part.empty:
+            continue
+        fig.add_trace(go.Scatter(
+            x=part["rank"] - shift, y=part["objective"], mode="markers", name=f"search run: {verdict}",
+            marker={"color": colour, "size": 11}, customdata=part[["lo", "hi"]], text=part["label"],
+            error_y={"type": "data", "array": part["hi"] - part["objective"],
+                     "arrayminus": part["objective"] - part["lo"], "color": colour, "thickness": 2},
+            hovertemplate="%{text}: %{y:.2f} (95% %{customdata[0]:.1f}-%{customdata[1]:.1f})<extra></extra>"))
+    if not confirm.empty:  # right of each confirmed configuration's search run
+        ranks = dict(zip(frame["trial_id"], frame["rank"]))
+        confirm = confirm[confirm["confirmed_trial"].isin(ranks)]
+        confirm["x"] = confirm["confirmed_trial"].map(ranks) + shift
+        fig.add_trace(go.Scatter(x=confirm["x"], y=confirm["objective"], mode="markers",
+                                 name="re-trained with a fresh seed", customdata=confirm["seed"],
+                                 marker={"symbol": "diamond", "size": 9, "color": "#54A24B"},
+                                 hovertemplate="seed %{customdata}: %{y:.2f}<extra></extra>"))
+        means = confirm.drop_duplicates("confirmed_trial")
+        fig.add_trace(go.Scatter(x=means["x"], y=means["mean_objective"], mode="markers",
+                                 name="mean ± std over the fresh seeds",
+                                 marker={"symbol": "line-ew-open", "size": 26, "color": "black",
+                                         "line": {"width": 3}},
+                                 error_y={"type": "data", "array": means["std_objective"].fillna(0),
+                                          "color": "black", "thickness": 1.5}))
+    chosen = frame[frame["chosen"]]
+    fig.add_trace(go.Scatter(x=chosen["rank"], y=chosen["hi"].fillna(chosen["objective"]) + 2, mode="markers",
+                             name="chosen" + (" (best mean over seeds)" if not confirm.empty else ""),
+                             marker={"symbol": "star", "size": 18, "color": "#E45756"}))
+    fig.update_xaxes(title_text="trials ranked by the search objective (validation), best first",
+                     tickvals=frame["rank"].tolist(), ticktext=frame["label"].tolist(), tickangle=-45,
+                     range=[0.4, len(frame) + 0.6])
+    fig.update_yaxes(title_text=objective)
+    images = exp.validation_images.get("overall")
+    size = f" ({images:,} validation images)" if images else ""
+    fig.update_layout(legend={"orientation": "h", "y": -0.45, "x": 0})
+    return _style(fig, f"Selection: validation {objective.split(' (')[0].removeprefix('validation ')} with 95% "
+                       f"intervals{size} ({exp.name})", height=620)
+
+
+
 def progress_figure(exp: Experiment) -> go.Figure:
     """Best-so-far objective against cumulative epochs and against wall-clock time."""
     frame = progress_frame(exp)
@@ -235,6 +304,13 @@ def progress_figure(exp: Experiment) -> go.Figure:
                                  marker={"color": "#9E9E9E", "size": 8}, customdata=frame["trial_id"],
                                  hovertemplate="trial %{customdata}<br>%{y:.2f}<extra></extra>",
                                  showlegend=col == 1), row=1, col=col)
+        if "best_so_far_lo" in frame:  # the band a new best must clear to be more than validation noise
+            fig.add_trace(go.Scatter(x=frame[x], y=frame["best_so_far_hi"], mode="lines", line_shape="hv",
+                                     line={"width": 0}, showlegend=False, hoverinfo="skip"), row=1, col=col)
+            fig.add_trace(go.Scatter(x=frame[x], y=frame["best_so_far_lo"], mode="lines", line_shape="hv",
+                                     line={"width": 0}, fill="tonexty", fillcolor="rgba(228,87,86,0.15)",
+                                     name="95% interval of the best (validation set)", showlegend=col == 1,
+                                     hoverinfo="skip"), row=1, col=col)
         fig.add_trace(go.Scatter(x=frame[x], y=frame["best_so_far"], mode="lines", line_shape="hv",
                                  name="best so far", line={"color": "#E45756", "width": 3},
                                  showlegend=col == 1), row=1, col=col)

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..selection import accuracy_interval, metric_group
 from .experiment import Experiment, class_sizes, load_state
 
 __all__ = [
-    "GROUPS", "accuracy_frame", "group_column", "importance_frame", "naive_baseline_trial", "pareto_frame",
-    "per_class_frame", "plotted_accuracies", "progress_frame", "survival_frame", "tail_pair", "top_trials",
+    "GROUPS", "accuracy_frame", "confirmation_frame", "group_column", "importance_frame", "naive_baseline_trial",
+    "pareto_frame", "per_class_frame", "plotted_accuracies", "progress_frame", "selection_frame", "survival_frame",
+    "tail_pair", "top_trials",
 ]
 
 GROUPS = ("overall", "many", "medium", "few", "head", "middle", "tail")
@@ -70,7 +72,12 @@ def accuracy_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
     frame = results.melt(id_vars=[c for c in ids if c in results], value_vars=list(columns),
                          var_name="group", value_name="accuracy")
     frame["group"] = frame["group"].map(columns)
-    return frame.dropna(subset=["accuracy"]).reset_index(drop=True)
+    frame = frame.dropna(subset=["accuracy"]).reset_index(drop=True)
+    images = exp.validation_images
+    if split in ("val", "tau_val") and images:  # validation: each point with its 95 % interval from the set's size
+        bounds = [accuracy_interval(a, images.get(g)) for a, g in zip(frame["accuracy"], frame["group"])]
+        frame["accuracy_lo"], frame["accuracy_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    return frame
 
 
 def top_trials(exp: Experiment, n: int = 10, split: str = "test") -> pd.DataFrame:
@@ -80,10 +87,47 @@ def top_trials(exp: Experiment, n: int = 10, split: str = "test") -> pd.DataFram
     rows = rows.sort_values("objective", ascending=exp.directions[0] == "min", na_position="last")
     _, tail = tail_pair(rows, split)
     columns = ["trial_id", *[c for c in ("phase", "stage1_trial") if c in rows], *exp.space, "objective",
-               "final_val_acc", f"final_{split}_acc", group_column(split, tail), "accuracy_at", "epochs", "outcome"]
+               "objective_lo", "objective_hi", "tied_with_best", "final_val_acc", f"final_{split}_acc",
+               group_column(split, tail), "accuracy_at", "epochs", "outcome"]
     if "accuracy_at" in rows and not (rows["accuracy_at"] == "best-by-validation epoch").any():
         columns.remove("accuracy_at")  # every test figure is the last epoch's, as the header says
     return rows[[c for c in dict.fromkeys(columns) if c in rows]].head(n).reset_index(drop=True)
+
+
+def selection_frame(exp: Experiment, n: int = 30) -> pd.DataFrame:
+    """The `n` best trials by the objective (validation), best first, with its 95 % interval (`lo`, `hi`),
+    whether each is statistically tied with the best, and which trial the search and the confirmation
+    picked (`search_pick`, `chosen`). Intervals are the search's (results.csv), else computed from the
+    validation size in summary.json; without either they are missing."""
+    rows = exp.final_rows().dropna(subset=["objective"])
+    rows = rows.sort_values("objective", ascending=exp.directions[0] == "min").head(n)
+    frame = pd.DataFrame({"trial_id": rows["trial_id"], "rank": np.arange(1, len(rows) + 1),
+                          "objective": rows["objective"], "outcome": rows["outcome"]})
+    if "objective_lo" in rows:
+        frame["lo"], frame["hi"] = rows["objective_lo"], rows["objective_hi"]
+    else:
+        n_images = exp.validation_images.get(metric_group(exp.objective) or "", None)
+        bounds = [accuracy_interval(v, n_images) for v in rows["objective"]]
+        frame["lo"], frame["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    tied = rows["tied_with_best"] if "tied_with_best" in rows else pd.Series(pd.NA, index=rows.index)
+    frame["tied_with_best"] = tied.map(lambda v: None if pd.isna(v) else str(v).lower() == "true")
+    frame["search_pick"] = frame["trial_id"] == exp.search_pick
+    frame["chosen"] = frame["trial_id"] == exp.best_trial
+    return frame.reset_index(drop=True)
+
+
+def confirmation_frame(exp: Experiment) -> pd.DataFrame:
+    """One row per confirmed configuration and seed: the objective (validation) of that re-training, the
+    configuration's mean and std over seeds and its single search run (`search_objective`), its rank by
+    mean and whether it was chosen. Empty without a confirmation phase."""
+    runs, summary = exp.confirm_runs, exp.confirmation
+    if runs.empty or summary.empty:
+        return pd.DataFrame(columns=["confirmed_trial", "seed", "objective", "mean_objective", "std_objective",
+                                     "search_objective", "confirm_rank", "chosen"])
+    keep = ["confirmed_trial", "mean_objective", "std_objective", "search_objective", "confirm_rank"]
+    frame = runs[["confirmed_trial", "seed", "objective"]].merge(summary[keep], on="confirmed_trial")
+    frame["chosen"] = frame["confirmed_trial"] == exp.best_trial
+    return frame.sort_values(["confirm_rank", "seed"]).reset_index(drop=True)
 
 
 def pareto_frame(exp: Experiment, split: str = "test") -> pd.DataFrame:
@@ -156,11 +200,16 @@ def progress_frame(exp: Experiment) -> pd.DataFrame:
     frame = exp.history.dropna(subset=[metric]).sort_values(["timestamp", "time_total_s"], kind="stable")
     start = (frame["timestamp"] - frame["time_total_s"]).min()
     best_so_far = frame[metric].cummax() if exp.directions[0] == "max" else frame[metric].cummin()
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "trial_id": frame["trial_id"], "epoch": frame["epoch"],
         "cumulative_epochs": np.arange(1, len(frame) + 1),
         "wall_time_s": frame["timestamp"] - start, "value": frame[metric], "best_so_far": best_so_far,
     }).reset_index(drop=True)
+    n_images = exp.validation_images.get(metric_group(metric) or "")
+    if n_images:  # the validation noise of the best value so far: a new best inside it may be luck
+        bounds = [accuracy_interval(v, n_images) for v in out["best_so_far"]]
+        out["best_so_far_lo"], out["best_so_far_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    return out
 
 
 def survival_frame(exp: Experiment) -> pd.DataFrame:

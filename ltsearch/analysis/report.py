@@ -20,6 +20,7 @@ from .figures import (
     pareto_figure,
     per_class_figures,
     progress_figure,
+    selection_figure,
     survival_figure,
 )
 from .frames import top_trials
@@ -39,7 +40,8 @@ def all_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figure]:
         figures.update(per_class_figures(exp, split))
     except (OSError, ValueError, KeyError) as err:
         print(f"per-class figures skipped: {err}")
-    figures.update(search_progress=progress_figure(exp), asha_survival=survival_figure(exp),
+    figures.update(selection=selection_figure(exp), search_progress=progress_figure(exp),
+                   asha_survival=survival_figure(exp),
                    parallel_coordinates=parallel_coordinates_figure(exp, split),
                    param_importances=importance_figure(exp), pareto=pareto_figure(exp, split))
     return figures
@@ -57,8 +59,68 @@ def _check_successful(exp: Experiment) -> None:
         f"{exp.objective} ({failed} ended with status ERROR; results.csv gives their stop_reason)")
 
 
+def _interval_columns(exp: Experiment, table: pd.DataFrame) -> pd.DataFrame:
+    """The objective's interval as one "95% interval" column next to it, and ties as a mark."""
+    table = table.copy()
+    if "objective_lo" in table:
+        interval = [("" if is_missing(lo) else f"{lo:.1f}-{hi:.1f}")
+                    for lo, hi in zip(table.pop("objective_lo"), table.pop("objective_hi"))]
+        table.insert(table.columns.get_loc("objective") + 1, "95% interval", interval)
+    if "tied_with_best" in table:
+        tied = table.pop("tied_with_best").map(
+            lambda v: "" if is_missing(v) or pd.isna(v) else "tied" if str(v).lower() == "true" else "")
+        table.insert(table.columns.get_loc("objective") + 1 + ("95% interval" in table), "tied with best", tied)
+    return table
+
+
+def _validation_html(exp: Experiment) -> str:
+    """What the validation set can resolve: its size, the best trial's interval, the ties."""
+    images = exp.validation_images
+    rows = exp.final_rows()
+    parts = []
+    if images:
+        per_class = exp.summary.get("validation", {}).get("per_class")
+        parts.append(f"Validation set: {images['overall']:,} images"
+                     + (f" ({per_class} per class)" if per_class else "") + ".")
+    best = rows[rows["trial_id"] == exp.search_pick]
+    if len(best) and "objective_lo" in best and not is_missing(best["objective_lo"].iat[0]):
+        b = best.iloc[0]
+        parts.append(f"The search's best trial scores {b['objective']:.2f} with a 95% interval of "
+                     f"{b['objective_lo']:.1f}-{b['objective_hi']:.1f}.")
+    if "tied_with_best" in rows:
+        ties = int(rows["tied_with_best"].map(lambda v: str(v).lower() == "true").sum())
+        parts.append(f"{ties} of {int(rows['objective'].notna().sum())} trials are statistically tied with it "
+                     "(Newcombe's interval of the difference contains 0; marked in the table).")
+    note = exp.summary.get("validation", {}).get("note")
+    if note:
+        parts.append(f"The search said: {note}.")
+    return f"<p>{html.escape(' '.join(parts))}</p>" if parts else ""
+
+
+def _confirmation_html(exp: Experiment) -> str:
+    """The search's pick against the configuration the confirmation chose by its mean over fresh seeds."""
+    confirmed = exp.confirmation
+    if confirmed.empty:
+        return ""
+    seeds = exp.summary.get("confirm", {}).get("seeds", [])
+    picked, search_pick = exp.best_trial, exp.search_pick
+    verdict = (f"The confirmation kept the search's pick, trial {search_pick}." if picked == search_pick else
+               f"The confirmation changed the choice: trial {picked} has the best mean, not the search's pick "
+               f"{search_pick}, whose single run was the highest.")
+    columns = [c for c in ("confirm_rank", "confirmed_trial", *exp.space, "search_objective", "mean_objective",
+                           "std_objective", "mean_val_acc", "std_val_acc", "mean_test_acc", "std_test_acc",
+                           "runs_ok", "runs") if c in confirmed]
+    table = confirmed[columns].rename(columns={"search_objective": "search run", "mean_objective": "mean",
+                                               "std_objective": "std", "runs_ok": "runs ok"})
+    return (f"<h2>Confirmation: the top {len(confirmed)} re-trained with fresh seeds {html.escape(str(seeds))}"
+            f"</h2><p>Objective {html.escape(exp.objective)} (validation) of each configuration's search run "
+            f"against its mean and standard deviation over the fresh seeds; the choice is the best mean. Test "
+            f"accuracy is reported, never used to choose. {html.escape(verdict)}</p>"
+            f'<div style="overflow-x: auto">{_table_html(exp, table)}</div>')
+
+
 def _table_html(exp: Experiment, table: pd.DataFrame) -> str:
-    formatted = table.copy()
+    formatted = _interval_columns(exp, table)
     for column in formatted.columns:
         if column in exp.space and exp.space[column]["kind"] == "loguniform":
             formatted[column] = formatted[column].map(lambda v: "" if is_missing(v) else f"{v:.2e}")
@@ -85,6 +147,7 @@ def write_report(path: str | Path, png: bool = True) -> Path:
     summary = exp.summary
     contents = "".join(f'<li><a href="#{n}-section">{html.escape(t)}</a></li>' for n, t in titles.items())
     best_config = yaml.safe_dump(exp.best_config, sort_keys=False) if exp.best_config else "(no best trial)"
+    chosen_by = ", the best mean over fresh seeds" if not exp.confirmation.empty else ""
     # the table has a column per searched key: wider than the page, it scrolls in its own box
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ltsearch report: {html.escape(exp.name)}</title>
@@ -96,8 +159,10 @@ border-bottom:1px solid #ddd}} pre{{background:#f6f6f6;padding:1em}} section{{ma
 ({html.escape(", ".join(exp.directions))}), selected on validation; test accuracy is reported, never used to
 select. Search wall time: {summary.get("wall_time_s", float("nan")):.0f} s.</p>
 <h2>Top trials by the search objective</h2>
+{_validation_html(exp)}
 <div style="overflow-x: auto">{_table_html(exp, top_trials(exp))}</div>
-<h2>Best configuration (trial {html.escape(str(exp.best_trial))})</h2>
+{_confirmation_html(exp)}
+<h2>Best configuration (trial {html.escape(str(exp.best_trial))}{chosen_by})</h2>
 <pre>{html.escape(best_config)}</pre>
 <h2>Figures</h2><ul>{contents}</ul>
 {"".join(parts)}

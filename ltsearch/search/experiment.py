@@ -6,9 +6,16 @@ Layout of `storage/name/`:
     search/ | stage1/   Ray Tune's own experiment folder (trial results, checkpoints); a staged search's
                         second phase runs as Ray tasks and keeps its results in optuna.db (study stage2)
     train/              Ray Train runs of multi-worker trials
-    results.csv         one row per trial; history.csv one row per trial and epoch
-    best_config.yaml    the resolved experiment config of the best trial (selected on validation)
-    summary.json        best trial, its val and test metrics, its checkpoint, paths
+    confirm/            Tune's folder of the confirmation phase (`search.confirm`), when on; and
+    confirm_plan.json   the configurations it re-trains (so that --resume continues the same ones)
+    results.csv         one row per trial (with the validation noise: interval and ties, see
+                        ltsearch.selection), then one `phase: confirm` row per confirmed configuration
+    confirm.csv         the confirmation's runs: one row per confirmed configuration and seed
+    history.csv         one row per trial and epoch (confirmation runs too, `phase: confirm`)
+    best_config.yaml    the resolved experiment config of the best trial (selected on validation: the best
+                        mean over seeds when confirmation is on)
+    summary.json        best trial, its val and test metrics, its checkpoint, paths; the validation set's
+                        size and noise; the search's pick against the confirmed one
 """
 from __future__ import annotations
 
@@ -29,13 +36,15 @@ import pandas as pd
 import ray
 import yaml
 
-from ..config import ConfigError, with_overrides
+from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..data import load_data
 from ..files import atomic_write_text
-from ..metrics import is_missing
+from ..metrics import class_groups, is_missing
+from ..selection import CONFIDENCE, confirmation_summary, metric_group
 from ..space import SearchSpaceFile
+from .confirm import CONFIRM_PHASE, run_confirm
 from .resources import trial_resources
-from .results import best_row, plain, sampled_values
+from .results import add_validation_noise, best_row, plain, sampled_values
 from .staged import run_staged
 from .tune_phase import results_table, run_phase, study_storage
 
@@ -118,7 +127,7 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
     The experiment folder is created only once the data loads, the cluster answers and can hold a trial,
     so a failed start leaves nothing behind that a rerun with the same `--name` would trip over."""
     storage = Path(storage).expanduser().resolve()
-    load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
+    data = load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
     if resume:
         if name is None:
             raise ConfigError("--resume needs --name (the experiment to continue)")
@@ -149,25 +158,147 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
         table, history = results_table(grid, settings, list(spec.space), spec.base)
     else:
         table, history = run_staged(exp, spec, cluster, resume)
-    best = _write_results(exp, spec, table, history, time.time() - started)
+    images = _validation_images(spec, table, data.class_counts)
+    table, note = add_validation_noise(table, settings, images, _metric_classes(spec, data.class_counts))
+    if note:
+        print(f"Validation noise: {note}", flush=True)
+    runs = runs_history = None
+    if settings.confirm is not None:
+        runs, runs_history = run_confirm(exp, spec, table, cluster, resume)
+    validation = {"images": images_of(spec.base, data.class_counts), "per_class": spec.base.data.val_per_class,
+                  "confidence": CONFIDENCE, "note": note}
+    table, best = _write_results(exp, spec, table, history, time.time() - started, runs=runs,
+                                 runs_history=runs_history, validation=validation)
     return SearchResult(path=exp, results=table, best=best)
 
 
+def images_of(config: ExperimentConfig, class_counts: list[int]) -> dict[str, int]:
+    """Validation images overall and per class group ("many", ..., "tail") of a data configuration: the
+    validation set is balanced, `data.val_per_class` images of every class."""
+    per_class = config.data.val_per_class
+    groups = class_groups(class_counts)
+    return {"overall": per_class * len(class_counts), **{g: per_class * len(c) for g, c in groups.items()}}
+
+
+def _validation_images(spec: SearchSpaceFile, table: pd.DataFrame, class_counts: list[int]) -> list[dict]:
+    """Per results row, `images_of` its data configuration (the base's, unless `data.*` keys are searched)."""
+    base = images_of(spec.base, class_counts)
+    data_keys = [k for k in spec.space if k.startswith("data.")]
+    if not data_keys:
+        return [base] * len(table)
+    known: dict[str, dict] = {}
+    out = []
+    for _, row in table.iterrows():
+        config = with_overrides(spec.base, sampled_values(row, data_keys))
+        key = config.data.model_dump_json()
+        if key not in known:
+            known[key] = images_of(config, load_data(config).class_counts)
+        out.append(known[key])
+    return out
+
+
+def _metric_classes(spec: SearchSpaceFile, class_counts: list[int]) -> int | None:
+    """Classes behind the objective (all, or those of its group), to say validation sizes per class."""
+    group = metric_group(spec.search.metrics[0])
+    if group is None:
+        return None
+    return len(class_counts) if group == "overall" else len(class_groups(class_counts).get(group, [])) or None
+
+
+def confirmation_rows(table: pd.DataFrame, runs: pd.DataFrame, spec: SearchSpaceFile) -> pd.DataFrame:
+    """results.csv's `phase: confirm` rows: one per confirmed configuration, best mean first, with its
+    search trial's values and single-run objective next to the mean and std over seeds."""
+    summary = confirmation_summary(runs, spec.search.directions[0])
+    if summary.empty:
+        return summary
+    by_id = table.set_index("trial_id")
+    keys = [k for k in ("stage1_trial", *spec.space) if k in by_id]
+    rows = []
+    for _, confirmed in summary.iterrows():
+        source = by_id.loc[confirmed["confirmed_trial"]]
+        failed = confirmed["runs"] - confirmed["runs_ok"]
+        rows.append({
+            "phase": CONFIRM_PHASE, "trial_id": f"{CONFIRM_PHASE}_{confirmed['confirmed_trial']}",
+            **{k: source[k] for k in keys}, **confirmed.to_dict(),
+            "search_objective": source["objective"], "search_objective_lo": source.get("objective_lo"),
+            "search_objective_hi": source.get("objective_hi"),
+            "status": "ERROR" if confirmed["runs_ok"] == 0 else "TERMINATED",
+            "stop_reason": (f"confirmed over {confirmed['runs_ok']} seeds" if not failed else
+                            f"{failed} of {confirmed['runs']} seed runs failed (confirm.csv)")})
+    return pd.DataFrame(rows)
+
+
 def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, history: pd.DataFrame,
-                   wall_time_s: float) -> dict:
-    atomic_write_text(exp / "results.csv", table.to_csv(index=False))
-    atomic_write_text(exp / "history.csv", history.to_csv(index=False))
-    best = best_row(table, spec.search)
+                   wall_time_s: float, runs: pd.DataFrame | None = None, runs_history: pd.DataFrame | None = None,
+                   validation: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Write results.csv, history.csv, best_config.yaml and summary.json (and, with confirmation runs,
+    confirm.csv); return results.csv's table and the best row. The best configuration is the search's best
+    trial by validation or, with confirmation runs, the confirmed configuration with the best mean
+    validation objective over its seeds."""
+    search_best = best_row(table, spec.search)
+    best, confirmed = search_best, None
     summary: dict[str, Any] = {"experiment": str(exp), "num_trials": len(table),
                                "wall_time_s": wall_time_s, "metric": spec.search.metrics}
+    if validation is not None:
+        summary["validation"] = validation
+    if runs is not None:
+        confirmed = confirmation_rows(table, runs, spec) if len(runs) else pd.DataFrame()
+        atomic_write_text(exp / "confirm.csv", runs.to_csv(index=False))
+        picked = confirmed.iloc[0] if len(confirmed) and confirmed.iloc[0]["runs_ok"] > 0 else None
+        if picked is not None:
+            best = table.set_index("trial_id").loc[picked["confirmed_trial"]].copy()
+            best["trial_id"] = picked["confirmed_trial"]
+        _print_confirmation(confirmed, search_best, spec)
+        summary["confirm"] = {
+            "seeds": spec.search.confirm.seeds, "top_k": spec.search.confirm.top_k,
+            "search_pick": None if search_best is None else plain(search_best["trial_id"]),
+            "confirmed_pick": None if picked is None else plain(picked["confirmed_trial"]),
+            "configurations": [{k: plain(v) for k, v in r.items() if not _missing(v)}
+                               for r in confirmed.to_dict("records")]}
+        if "phase" not in table:
+            table = table.assign(phase="search")[["phase", *table.columns]]
+            history = history.assign(phase="search")[["phase", *history.columns]] if len(history) else history
+        table = pd.concat([table, confirmed], ignore_index=True)
+        if runs_history is not None and len(runs_history):
+            history = pd.concat([history, runs_history], ignore_index=True)
+    atomic_write_text(exp / "results.csv", table.to_csv(index=False))
+    atomic_write_text(exp / "history.csv", history.to_csv(index=False))
     if best is not None:
         best_config = with_overrides(spec.base, sampled_values(best, list(spec.space)))
         atomic_write_text(exp / "best_config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
-        summary["best"] = {k: plain(v) for k, v in best.items() if not is_missing(v)}
+        summary["best"] = {k: plain(v) for k, v in best.items() if not _missing(v)}
+        if confirmed is not None and len(confirmed):
+            summary["best"]["confirmed"] = {k: plain(v) for k, v in confirmed.iloc[0].items() if not _missing(v)}
     if len(spec.search.metrics) > 1:
         _write_pareto(exp, spec)
     atomic_write_text(exp / "summary.json", json.dumps(summary, indent=1, default=str))
-    return summary.get("best", {})
+    return table, summary.get("best", {})
+
+
+def _missing(value) -> bool:
+    """None, NaN or pandas' NA (an unknown tie verdict): left out of summary.json."""
+    return is_missing(value) or value is pd.NA
+
+
+def _print_confirmation(confirmed: pd.DataFrame, search_best: pd.Series | None, spec: SearchSpaceFile) -> None:
+    metric = spec.search.metrics[0]
+    if confirmed.empty:
+        print("Confirmation: no run finished; the search's best trial stays the choice", flush=True)
+        return
+    print(f"Confirmation over seeds {spec.search.confirm.seeds} ({metric}, validation; mean ± std over seeds):",
+          flush=True)
+    for _, row in confirmed.iterrows():
+        std = "" if is_missing(row["std_objective"]) else f" ± {row['std_objective']:.2f}"
+        print(f"  {row['confirmed_trial']}: {row['mean_objective']:.2f}{std} "
+              f"({row['runs_ok']}/{row['runs']} runs; search run {row['search_objective']:.2f})", flush=True)
+    pick = confirmed.iloc[0]["confirmed_trial"]
+    if confirmed.iloc[0]["runs_ok"] == 0:
+        print("Confirmation: every run failed; the search's best trial stays the choice", flush=True)
+    elif search_best is not None and pick != search_best["trial_id"]:
+        print(f"Confirmation changed the choice: {pick} (best mean), not the search's pick "
+              f"{search_best['trial_id']}", flush=True)
+    else:
+        print(f"Confirmation kept the search's pick: {pick}", flush=True)
 
 
 def _write_pareto(exp: Path, spec: SearchSpaceFile) -> None:

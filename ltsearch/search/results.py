@@ -6,22 +6,26 @@ stopped early is read from those rows, so a searched `stage1.epochs` is judged a
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
 
 from ..config import ExperimentConfig
 from ..metrics import is_missing
+from ..selection import accuracy_interval, metric_group, resolution_note, tied_with_best
 from ..space import SearchSettings
 
 __all__ = [
     "ACCURACY_PREFIXES",
     "STAGE1_TRIAL",
+    "add_validation_noise",
     "best_row",
     "plain",
     "planned_epochs",
     "rank_trials",
     "sampled_values",
+    "selection_rows",
     "trial_row",
 ]
 
@@ -70,21 +74,72 @@ def trial_row(trial_id: str, values: dict, frame: pd.DataFrame | None, error: st
 
 def rank_trials(table: pd.DataFrame, settings: SearchSettings, column_prefix: str = "final") -> pd.DataFrame:
     """Trials without an error and with a value of the first search metric, best first (ties: more epochs
-    first). `column_prefix` chooses the value: `final` (the trial's last epoch) or `best` (its
-    best-by-validation epoch, the one a stage-1 checkpoint hands to stage 2)."""
+    first, then by trial id, so that a resumed search ranks equal values as it did before). `column_prefix`
+    chooses the value: `final` (the trial's last epoch) or `best` (its best-by-validation epoch, the one a
+    stage-1 checkpoint hands to stage 2)."""
     column = f"{column_prefix}_{settings.metrics[0]}"
     if not len(table) or column not in table:
         return table.iloc[0:0]
     ok = table[table["status"] != "ERROR"].dropna(subset=[column])
-    return ok.sort_values([column, "epochs"], ascending=[settings.directions[0] == "min", False])
+    keys = [column, "epochs", *(["trial_id"] if "trial_id" in ok else [])]
+    return ok.sort_values(keys, ascending=[settings.directions[0] == "min", False, True][:len(keys)])
+
+
+def selection_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The search's trials that compete for its best configuration: staged mode's stage-2 trials, else
+    every search trial (confirmation rows never: they summarise re-trainings of these)."""
+    if "phase" not in table:
+        return table
+    if table["phase"].isin(("stage1", "stage2")).any():
+        return table[table["phase"] == "stage2"]
+    return table[table["phase"] != "confirm"]
 
 
 def best_row(table: pd.DataFrame, settings: SearchSettings) -> pd.Series | None:
     """The trial with the best final objective (staged mode: among stage-2 trials)."""
-    if "phase" in table:
-        table = table[table["phase"] == "stage2"]
-    ranked = rank_trials(table, settings)
+    ranked = rank_trials(selection_rows(table), settings)
     return ranked.iloc[0] if len(ranked) else None
+
+
+def _intervals(values: pd.Series, sizes: pd.Series) -> tuple[list[float], list[float]]:
+    pairs = [accuracy_interval(v, n) if not (is_missing(v) or is_missing(n)) else (math.nan, math.nan)
+             for v, n in zip(pd.to_numeric(values, errors="coerce"), sizes)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def add_validation_noise(table: pd.DataFrame, settings: SearchSettings, images: pd.Series,
+                         classes: int | None = None) -> tuple[pd.DataFrame, str | None]:
+    """`table` with the validation set's noise on what selects (see `ltsearch.selection`), and the note to
+    print when the validation set cannot resolve the top two trials (None otherwise).
+
+    `images` holds per row a dict {"overall": validation images, "many": ..., "tail": ...}. Columns added:
+    `val_images` (the images behind the objective), `objective_lo` / `objective_hi` (its 95 % interval),
+    `final_val_acc_lo` / `_hi`, `best_val_acc_lo` / `_hi`, and `tied_with_best`: statistically tied with the
+    best trial of its phase on the value that phase is ranked by (the final objective; a staged search's
+    stage-1 trials: the objective at their best-by-validation epoch, which chose the stage-2 parents).
+    A metric that is no validation accuracy gets no interval and no ties."""
+    table = table.copy()
+    if not len(table):
+        return table, None
+    metric, direction = settings.metrics[0], settings.directions[0]
+    group = metric_group(metric)
+    overall = pd.Series([(i or {}).get("overall") for i in images], index=table.index, dtype="float")
+    table["val_images"] = pd.Series([(i or {}).get(group) for i in images], index=table.index, dtype="float")
+    table["objective_lo"], table["objective_hi"] = _intervals(table["objective"], table["val_images"])
+    for column in ("final_val_acc", "best_val_acc"):
+        if column in table:
+            table[f"{column}_lo"], table[f"{column}_hi"] = _intervals(table[column], overall)
+    table["tied_with_best"] = pd.Series(pd.NA, index=table.index, dtype="boolean")
+    if group is None:
+        return table, None
+    phases = table["phase"] if "phase" in table else pd.Series("search", index=table.index)
+    for phase in phases.unique():
+        rows = table[(phases == phase) & (table["status"] != "ERROR")]
+        column = f"best_{metric}" if phase == "stage1" and f"best_{metric}" in table else "objective"
+        table.loc[rows.index, "tied_with_best"] = tied_with_best(rows[column], rows["val_images"], direction)
+    final = selection_rows(table)
+    final = final[final["status"] != "ERROR"]
+    return table, resolution_note(final["objective"], final["val_images"], direction, classes)
 
 
 def plain(value):

@@ -18,7 +18,7 @@ from ..space import SearchSettings
 from ..train import TrainingDiverged, train
 from .results import planned_epochs
 
-__all__ = ["trial"]
+__all__ = ["grid_trial", "trial"]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -99,3 +99,9 @@ def trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage
                              failure_config=FailureConfig(max_failures=settings.max_failures)),
     )
     trainer.fit()
+
+
+def grid_trial(config: dict, runs: dict, **parameters) -> None:
+    """Tune function trainable of a `run_grid` phase: `config["run"]` names one entry of `runs` (dotted
+    values, such as a confirmed configuration with its fresh `trainer.seed`), trained as `trial` trains."""
+    trial(runs[config["run"]], **parameters)

@@ -17,9 +17,9 @@ from ..config import ExperimentConfig, with_overrides
 from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
 from .resources import trial_resources
 from .results import planned_epochs, trial_row
-from .trials import trial
+from .trials import grid_trial, trial
 
-__all__ = ["make_sampler", "results_table", "run_phase", "study_storage"]
+__all__ = ["make_sampler", "results_table", "run_grid", "run_phase", "study_storage"]
 
 _Finished = optuna.exceptions.UpdateFinishedTrialError
 
@@ -88,18 +88,34 @@ def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
                                       multivariate=True, group=True)
 
 
+def _trainable(exp: Path, spec: SearchSpaceFile, base: ExperimentConfig, cluster: dict, function=trial,
+               **parameters):
+    """`function` as a Tune trainable with `base`, the settings, one worker's resources and `parameters`
+    bound, requesting what one trial holds; and how many trials run at once."""
+    settings = spec.search
+    worker, concurrent = trial_resources(settings, cluster)
+    trainable = tune.with_parameters(function, base=base.model_dump(), settings=settings.model_dump(),
+                                     worker=worker, train_storage=str(exp / "train"), **parameters)
+    # Several workers: Train's worker group holds the resources and the trial driver a token.
+    request = worker if settings.resources.num_workers == 1 else {"CPU": 0, "memory": 2**20}
+    request = {k.lower(): v for k, v in request.items() if v or k == "CPU"}
+    return tune.with_resources(trainable, request), concurrent
+
+
+def _run_config(settings: SearchSettings, phase: str, exp: Path, reporter: tune.CLIReporter) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=phase, storage_path=str(exp), verbose=1, progress_reporter=reporter,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures))
+
+
 def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
               base: ExperimentConfig, num_samples: int, max_epochs: int, cluster: dict,
               resume: bool) -> tune.ResultGrid:
     """One Tune experiment `exp/phase` of trials searching `space` on top of `base`; ASHA's horizon is
     `max_epochs`, the most epochs any sampled configuration can plan."""
     settings = spec.search
-    worker, concurrent = trial_resources(settings, cluster)
-    trainable = tune.with_parameters(trial, base=base.model_dump(), settings=settings.model_dump(),
-                                     worker=worker, train_storage=str(exp / "train"))
-    # Several workers: Train's worker group holds the resources and the trial driver a token.
-    request = worker if settings.resources.num_workers == 1 else {"CPU": 0, "memory": 2**20}
-    trainable = tune.with_resources(trainable, {k.lower(): v for k, v in request.items() if v or k == "CPU"})
+    trainable, concurrent = _trainable(exp, spec, base, cluster)
     phase_path = exp / phase
     if resume and tune.Tuner.can_restore(str(phase_path)):
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
@@ -123,10 +139,26 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrent,
                                     reuse_actors=settings.resources.num_workers == 1),
-        run_config=tune.RunConfig(
-            name=phase, storage_path=str(exp), verbose=1, progress_reporter=_reporter(settings, list(space)),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
-            failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+        run_config=_run_config(settings, phase, exp, _reporter(settings, list(space))),
+    )
+    return tuner.fit()
+
+
+def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfig, runs: dict[str, dict],
+             cluster: dict, resume: bool) -> tune.ResultGrid:
+    """One Tune experiment `exp/phase` with one trial per entry of `runs` (run name -> dotted values on top
+    of `base`): a grid, no searcher, no early stopping (every run goes to its end). `resume` continues an
+    interrupted one (finished runs are kept, unfinished ones continue from their last checkpoint)."""
+    settings = spec.search
+    trainable, concurrent = _trainable(exp, spec, base, cluster, function=grid_trial, runs=runs)
+    phase_path = exp / phase
+    if resume and tune.Tuner.can_restore(str(phase_path)):
+        return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
+    tuner = tune.Tuner(
+        trainable, param_space={"run": tune.grid_search(list(runs))},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent,
+                                    reuse_actors=settings.resources.num_workers == 1),
+        run_config=_run_config(settings, phase, exp, _reporter(settings, ["run"])),
     )
     return tuner.fit()
 
@@ -139,11 +171,12 @@ def _reporter(settings: SearchSettings, keys: list[str]) -> tune.CLIReporter:
         max_report_frequency=30, print_intermediate_tables=True, sort_by_metric=False, max_progress_rows=30)
 
 
-def results_table(grid: tune.ResultGrid, settings: SearchSettings, keys: list[str],
-                  base: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per trial, one row per trial and epoch) from a finished Tune experiment."""
+def results_table(grid: tune.ResultGrid, settings: SearchSettings, keys: list[str], base: ExperimentConfig,
+                  runs: dict[str, dict] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per trial, one row per trial and epoch) from a finished Tune experiment. A `run_grid`
+    experiment passes its `runs`: each row then has its run name in `run` and that run's values."""
     rows, history = [], []
-    pruner = "ASHA" if settings.scheduler.enabled else None
+    pruner = "ASHA" if settings.scheduler.enabled and runs is None else None
     for result in grid:
         trial_id = Path(result.path).name if result.path else None
         trial_id = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
@@ -151,10 +184,13 @@ def results_table(grid: tune.ResultGrid, settings: SearchSettings, keys: list[st
         if frame is not None and len(frame):
             frame = frame.sort_values("epoch").drop_duplicates("epoch", keep="last")
             history.append(frame)
-        values = {key: result.config.get(key) for key in keys}
+        sampled = runs[result.config["run"]] if runs is not None else result.config
+        values = {key: sampled.get(key) for key in keys}
         planned = planned_epochs(with_overrides(base, {k: v for k, v in values.items() if v is not None}))
         error = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else None
         row = trial_row(trial_id, values, frame, error, settings, planned, pruner)
+        if runs is not None:
+            row["run"] = result.config["run"]
         if frame is not None and len(frame):
             row["checkpoint"] = (result.checkpoint.path if result.checkpoint
                                  else frame.iloc[-1].get("checkpoint_path"))
