@@ -148,6 +148,8 @@ class SearchSettings(StrictModel):
     staged: Staged = Staged()
     max_failures: int = Field(2, ge=0)  # restarts of a trial from its last checkpoint
     keep_checkpoints: int = Field(2, ge=1)  # checkpoints kept per trial
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # experiment tracking
+    mlflow_tracking_uri: str | None = None  # None: SQLite in the experiment folder (mlflow.db)
     confirm: Confirm | None = None  # None: the search's best single run is the choice
 
     @field_validator("metric")

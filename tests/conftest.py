@@ -172,3 +172,13 @@ def two_node_cluster(tmp_path: Path):
         yield f"127.0.0.1:{gcs}", env, node_mgr
     finally:
         _stop_cluster(temp_dir)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray started in this process for the module's tests (2 CPUs, dashboard on loopback)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    yield ray
+    ray.shutdown()

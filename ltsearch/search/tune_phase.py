@@ -15,6 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ..config import ExperimentConfig, with_overrides
 from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
+from .loggers import logger_callbacks
 from .resources import trial_resources
 from .results import planned_epochs, trial_row
 from .trials import grid_trial, trial
@@ -106,7 +107,8 @@ def _run_config(settings: SearchSettings, phase: str, exp: Path, reporter: tune.
     return tune.RunConfig(
         name=phase, storage_path=str(exp), verbose=1, progress_reporter=reporter,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
-        failure_config=tune.FailureConfig(max_failures=settings.max_failures))
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        callbacks=logger_callbacks(settings, exp, phase))
 
 
 def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
