@@ -112,6 +112,15 @@ class Resources(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs, else 0; fractions ok
 
+    @model_validator(mode="after")
+    def _ranks_do_not_share_gpus(self) -> Resources:
+        """Fractions pack one-worker trials on a GPU; Ray would also pack one trial's DDP ranks on one GPU,
+        and NCCL refuses that ('Duplicate GPU detected', ray-project/ray#48012)."""
+        if self.num_workers > 1 and self.gpus_per_worker is not None and 0 < self.gpus_per_worker < 1:
+            raise ValueError(f"gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: "
+                             "DDP ranks cannot share a GPU; fractions are for one-worker trials")
+        return self
+
 
 class Staged(StrictModel):
     """Second phase of a `staged` search: stage 2 on features cached from the best stage-1 checkpoints."""

@@ -1,0 +1,155 @@
+"""Search-epoch time before and after lazy test evaluation, side by side (interleaved runs).
+
+One quick-start trial, as `run_search.py search_spaces/quickstart.yaml` runs each of its trials: CIFAR-10-LT
+IF 100 (12,386 train, 200 val, 10,000 test images), ResNet-8, 4 stage-1 + 2 stage-2 epochs, batch 128, the
+base config of search_spaces/quickstart.yaml (its searched values at their defaults), one torch thread
+(`cpus_per_worker: 1`). Each run is `python -m ltsearch train` in a fresh process, from a clean export
+(`git archive`) of a committed revision, so uncommitted work in the tree does not enter the timing:
+
+  before  --before (default: the commit before `trainer.test_every` existed): val and test every epoch
+  epoch   --after (default HEAD) with `trainer.test_every: epoch`: test every epoch (stage 2 already
+          evaluates on features computed once)
+  best    --after with `trainer.test_every: best` (the default): test at new best-validation epochs and
+          stage ends
+
+Runs are interleaved (before, epoch, best, before, ...), `--reps` times. The search-epoch time is a run's
+mean `epoch_time_s` over its 6 epochs (metrics.json history: training plus evaluation, what an epoch of a
+trial costs; excludes process start and data loading, which a reused Tune trial process pays once);
+medians over repetitions, ratios as medians of the per-repetition ratios.
+
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py            # 3 reps, ~15 min idle
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py --reps 1 --stage1-epochs 1 \\
+        --stage2-epochs 1                                                                # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("before", "epoch", "best")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def default_before() -> str:
+    """The parent of the first commit whose config.py has `test_every`."""
+    first = _git("log", "--reverse", "--format=%H", "-S", "test_every", "--", "ltsearch/config.py").splitlines()
+    if not first:
+        raise SystemExit("no commit adds trainer.test_every: pass --before")
+    return _git("rev-parse", f"{first[0]}~1")
+
+
+def export(rev: str, where: Path) -> Path:
+    """A clean copy of `rev`'s tree (no .git, no working-tree changes)."""
+    where.mkdir(parents=True)
+    archive = where / "src.tar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), rev], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(where, filter="data")
+    archive.unlink()
+    return where
+
+
+def quickstart_config(path: Path, args: argparse.Namespace) -> Path:
+    base = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())["base"]
+    base["stage1"]["epochs"], base["stage2"]["epochs"] = args.stage1_epochs, args.stage2_epochs
+    base["data"]["download"] = False
+    base.setdefault("trainer", {})["num_threads"] = args.threads
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    return path
+
+
+def run(arm: str, tree: Path, config: Path, out: Path) -> dict:
+    sets = [] if arm == "before" else ["--set", f"trainer.test_every={arm}"]
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config), *sets, "--out", str(out)],
+                          cwd=tree, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{arm} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    times = [h["epoch_time_s"] for h in history]
+    by_stage = {s: [h["epoch_time_s"] for h in history if h["stage"] == s] for s in (1, 2)}
+    return {"arm": arm, "epoch_s": statistics.mean(times), "stage1_s": statistics.mean(by_stage[1]),
+            "stage2_s": statistics.mean(by_stage[2]) if by_stage[2] else float("nan"), "wall_s": wall,
+            "test_epochs": sum(h.get("has_test", True) for h in history), "epochs": len(history),
+            "val_acc": [round(h["val_acc"], 1) for h in history],
+            "test_acc": history[-1]["test_acc"]}
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the three arms")
+    parser.add_argument("--before", help="revision without lazy evaluation (default: see above)")
+    parser.add_argument("--after", default="HEAD", help="revision with trainer.test_every (default HEAD)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--stage1-epochs", type=int, default=4)
+    parser.add_argument("--stage2-epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a quick-start trial: 1)")
+    parser.add_argument("--json", help="also write every run to this file")
+    args = parser.parse_args()
+    before = args.before or default_before()
+    revs = {"before": _git("rev-parse", "--short", before), "after": _git("rev-parse", "--short", args.after)}
+    print(f"before = {revs['before']}, after = {revs['after']}; {args.stage1_epochs} + {args.stage2_epochs} "
+          f"epochs, {args.threads} thread(s), {args.reps} interleaved reps; load average {load_average()}",
+          flush=True)
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lazy-test-eval-") as tmp:
+        tmp = Path(tmp)
+        trees = {"before": export(before, tmp / "before")} if "before" in args.arms else {}
+        if {"epoch", "best"} & set(args.arms):
+            trees["after"] = export(args.after, tmp / "after")
+        config = quickstart_config(tmp / "quickstart_trial.yaml", args)
+        for rep in range(args.reps):
+            for arm in args.arms:
+                tree = trees["before" if arm == "before" else "after"]
+                result = {**run(arm, tree, config, tmp / f"{arm}-{rep}"), "rep": rep, "load": load_average()}
+                runs.append(result)
+                print(f"  rep {rep} {arm:6s} epoch {result['epoch_s']:6.2f} s (stage 1 {result['stage1_s']:6.2f}, "
+                      f"stage 2 {result['stage2_s']:6.2f}), wall {result['wall_s']:6.1f} s, test evaluated at "
+                      f"{result['test_epochs']}/{result['epochs']} epochs, val {result['val_acc']}, final test "
+                      f"{result['test_acc']:.2f}; load {result['load']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+
+    print("\n| arm | search epoch s, median (min..max) | stage-1 epoch s | stage-2 epoch s | run wall s "
+          "| test evaluated (epochs) | speed-up vs before | vs epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for arm in args.arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        epochs = [r["epoch_s"] for r in mine]
+
+        def ratio(ref: str, arm=arm, mine=mine) -> str:
+            paired = [o["epoch_s"] / r["epoch_s"] for r in mine for o in runs
+                      if o["arm"] == ref and o["rep"] == r["rep"]]
+            return f"{statistics.median(paired):.2f}x" if paired and ref != arm else ""
+
+        print(f"| {arm} | {statistics.median(epochs):.2f} ({min(epochs):.2f}..{max(epochs):.2f}) | "
+              f"{statistics.median(r['stage1_s'] for r in mine):.2f} | "
+              f"{statistics.median(r['stage2_s'] for r in mine):.2f} | "
+              f"{statistics.median(r['wall_s'] for r in mine):.1f} | "
+              f"{'/'.join(sorted({str(r['test_epochs']) for r in mine}))} of {mine[0]['epochs']} | "
+              f"{ratio('before')} | {ratio('epoch')} |")
+    print(f"\nload average at the end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
