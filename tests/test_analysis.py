@@ -412,6 +412,15 @@ def test_report_marks_ties_and_shows_the_search_pick_against_the_confirmed_one(c
     assert "Best configuration (trial aaaa0003, the best mean over fresh seeds)" in page
 
 
+def test_report_repeats_the_searchs_validation_note(confirmed, capsys):
+    summary = json.loads((confirmed / "summary.json").read_text())
+    summary["validation"]["note"] = "validation has 50 images: ... needs about 1,018 validation images"
+    (confirmed / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(confirmed), "--no-png"]) == 0
+    page = (confirmed / "report.html").read_text()
+    assert "<p>Validation has 50 images: ... needs about 1,018 validation images. Ties are marked" in page
+
+
 def test_report_of_an_experiment_from_before_intervals(handmade, capsys):
     """Folders written before validation noise was recorded still report (without intervals)."""
     assert main(["report", str(handmade), "--no-png"]) == 0

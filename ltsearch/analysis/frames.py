@@ -84,7 +84,9 @@ def top_trials(exp: Experiment, n: int = 10, split: str = "test") -> pd.DataFram
     """The `n` best trials by the search objective (validation), with their test accuracies (as
     `plotted_accuracies` gives them)."""
     rows = plotted_accuracies(exp.final_rows(), split)
-    rows = rows.sort_values("objective", ascending=exp.directions[0] == "min", na_position="last")
+    keys = ["objective", *[c for c in ("epochs", "trial_id") if c in rows]]  # the search's ranking and tie-break
+    rows = rows.sort_values(keys, ascending=[exp.directions[0] == "min", False, True][:len(keys)],
+                            na_position="last")
     _, tail = tail_pair(rows, split)
     columns = ["trial_id", *[c for c in ("phase", "stage1_trial") if c in rows], *exp.space, "objective",
                "objective_lo", "objective_hi", "tied_with_best", "final_val_acc", f"final_{split}_acc",
@@ -100,7 +102,8 @@ def selection_frame(exp: Experiment, n: int = 30) -> pd.DataFrame:
     picked (`search_pick`, `chosen`). Intervals are the search's (results.csv), else computed from the
     validation size in summary.json; without either they are missing."""
     rows = exp.final_rows().dropna(subset=["objective"])
-    rows = rows.sort_values("objective", ascending=exp.directions[0] == "min").head(n)
+    keys = ["objective", *[c for c in ("epochs", "trial_id") if c in rows]]  # the search's ranking and tie-break
+    rows = rows.sort_values(keys, ascending=[exp.directions[0] == "min", False, True][:len(keys)]).head(n)
     frame = pd.DataFrame({"trial_id": rows["trial_id"], "rank": np.arange(1, len(rows) + 1),
                           "objective": rows["objective"], "outcome": rows["outcome"]})
     if "objective_lo" in rows:

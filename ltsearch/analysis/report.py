@@ -82,6 +82,10 @@ def _validation_html(exp: Experiment) -> str:
         per_class = exp.summary.get("validation", {}).get("per_class")
         parts.append(f"Validation set: {images['overall']:,} images"
                      + (f" ({per_class} per class)" if per_class else "") + ".")
+    note = exp.summary.get("validation", {}).get("note")
+    if note:  # what the search printed: the best's interval, the ties and the size that would resolve them
+        return (f"<p>{html.escape(note[0].upper() + note[1:])}. Ties are marked in the table (Newcombe's "
+                "interval of the difference to the best contains 0).</p>")
     best = rows[rows["trial_id"] == exp.search_pick]
     if len(best) and "objective_lo" in best and not is_missing(best["objective_lo"].iat[0]):
         b = best.iloc[0]
@@ -91,9 +95,6 @@ def _validation_html(exp: Experiment) -> str:
         ties = int(rows["tied_with_best"].map(lambda v: str(v).lower() == "true").sum())
         parts.append(f"{ties} of {int(rows['objective'].notna().sum())} trials are statistically tied with it "
                      "(Newcombe's interval of the difference contains 0; marked in the table).")
-    note = exp.summary.get("validation", {}).get("note")
-    if note:
-        parts.append(f"The search said: {note}.")
     return f"<p>{html.escape(' '.join(parts))}</p>" if parts else ""
 
 
