@@ -27,9 +27,25 @@ if TYPE_CHECKING:
     from .config import ExperimentConfig
 
 __all__ = [
-    "DATASETS", "MEAN", "STD", "DataError", "DatasetSpec", "LongTailData", "RawSplits", "TensorLoader",
-    "default_root", "load_data", "load_longtail", "load_split", "lt_class_counts", "random_crop_flip",
-    "resolve_root", "shot_groups", "split_longtail", "tercile_groups",
+    "DATASETS",
+    "MEAN",
+    "STD",
+    "DataError",
+    "DatasetSpec",
+    "LongTailData",
+    "RawSplits",
+    "TensorLoader",
+    "default_root",
+    "load_data",
+    "load_longtail",
+    "load_split",
+    "lt_class_counts",
+    "normalization",
+    "random_crop_flip",
+    "resolve_root",
+    "shot_groups",
+    "split_longtail",
+    "tercile_groups",
 ]
 
 
@@ -72,6 +88,11 @@ STD: dict[str, tuple[float, float, float]] = {
     "cifar10": (0.2470, 0.2435, 0.2616),
     "cifar100": (0.2673, 0.2564, 0.2762),
 }
+
+
+def normalization(dataset: str) -> dict[str, tuple[float, float, float]]:
+    """`{"mean": ..., "std": ...}` of a dataset, as `TensorLoader` takes them."""
+    return {"mean": MEAN[dataset], "std": STD[dataset]}
 
 
 class RawSplits(NamedTuple):

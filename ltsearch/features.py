@@ -12,10 +12,10 @@ import math
 import torch
 
 from .config import ExperimentConfig
-from .data import MEAN, STD, TensorLoader, load_data
+from .data import TensorLoader, load_data, normalization
 from .files import CHECKPOINT_FILE
 from .metrics import class_groups, classifier_metrics
-from .models import LTClassifier, build_model
+from .models import LTClassifier, build_model, model_from_config
 from .optim import classifier_head, classifier_setup, train_epoch
 
 __all__ = ["cache_features", "fit_classifier"]
@@ -24,8 +24,7 @@ __all__ = ["cache_features", "fit_classifier"]
 def _load_stage1_model(config: ExperimentConfig, checkpoint_dir: str, num_classes: int) -> LTClassifier:
     """The stage-1 epoch that was best on validation, from a trainer checkpoint."""
     state = torch.load(f"{checkpoint_dir}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
-    model = build_model(config.model.name, num_classes, nbn=config.model.nbn, nbn_all_bn=config.model.nbn_all_bn,
-                        classifier_bn=config.model.classifier_bn)
+    model = model_from_config(config.model, num_classes)
     model.load_state_dict(state["best"][1]["model"])
     return model.eval()
 
@@ -44,7 +43,7 @@ def cache_features(config: ExperimentConfig, checkpoint_dir: str, views: int) ->
     classifier state, for the stage-1 config `config` and its checkpoint."""
     data = load_data(config)
     model = _load_stage1_model(config, checkpoint_dir, data.num_classes)
-    norm = {"mean": MEAN[config.data.dataset], "std": STD[config.data.dataset]}
+    norm = normalization(config.data.dataset)
     batch = config.trainer.eval_batch_size
     train = TensorLoader(data.train_x, data.train_y, batch, train=True, seed=config.trainer.seed, **norm)
     train_views = []

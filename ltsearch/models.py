@@ -13,16 +13,27 @@ Two families of CIFAR ResNets:
                                        (after Y. Idelbayev), with parameter-free "option A" shortcuts and
                                        kaiming-normal (fan_in) init of every conv and of the classifier
 """
+from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+__all__ = [
+    "CLASSIFIER_BN", "MODELS", "LTClassifier", "NormalizedBatchNorm2d", "SharedScale", "ZeroPadShortcut",
+    "build_model", "cifar_resnet", "cifar_resnet_a", "convert_last_stage_to_nbn", "model_from_config",
+    "nbn_parameters", "torchvision_resnet50",
+]
 
 # Added to the L2 norms in NBN, as in the paper's reference code. BN biases start at zero, and
 # d(b / (||b|| + eps)) / db = 1 / eps there, so a tiny eps (say 1e-12) would make the first bias
@@ -305,6 +316,12 @@ def build_model(
         nbn_scale = SharedScale()
         convert_last_stage_to_nbn(features, nbn_scale, all_bn=nbn_all_bn)
     return LTClassifier(features, num_classes, CLASSIFIER_BN[classifier_bn](num_classes), nbn_scale)
+
+
+def model_from_config(model: ModelConfig, num_classes: int) -> LTClassifier:
+    """`build_model` with the settings of an experiment's `model` section."""
+    return build_model(model.name, num_classes, nbn=model.nbn, nbn_all_bn=model.nbn_all_bn,
+                       classifier_bn=model.classifier_bn)
 
 
 def nbn_parameters(model: LTClassifier) -> list[nn.Parameter]:

@@ -46,11 +46,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ExperimentConfig
-from .data import MEAN, STD, LongTailData, TensorLoader, load_data
+from .data import LongTailData, TensorLoader, load_data, normalization
 from .files import CHECKPOINT_FILE, atomic_save
 from .losses import build_loss
 from .metrics import class_groups, classifier_metrics
-from .models import LTClassifier, build_model, nbn_parameters
+from .models import LTClassifier, model_from_config, nbn_parameters
 from .optim import StageSetup, classifier_setup, train_epoch
 from .regularizers import weight_decay_groups
 from .schedules import lr_schedule
@@ -113,11 +113,10 @@ class _Run:
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.groups = class_groups(data.class_counts)
         torch.manual_seed(t.seed)
-        self.model: LTClassifier = build_model(
-            config.model.name, data.num_classes, nbn=config.model.nbn, nbn_all_bn=config.model.nbn_all_bn,
-            classifier_bn=config.model.classifier_bn).to(device, memory_format=self.memory_format)
-        norm = {"mean": MEAN[config.data.dataset], "std": STD[config.data.dataset], "device": device,
-                    "channels_last": t.channels_last, "rank": self.rank, "world_size": self.world}
+        self.model: LTClassifier = model_from_config(config.model, data.num_classes).to(
+            device, memory_format=self.memory_format)
+        norm = {**normalization(config.data.dataset), "device": device, "channels_last": t.channels_last,
+                "rank": self.rank, "world_size": self.world}
         self.eval_loaders = {
             split: TensorLoader(x, y, t.eval_batch_size, train=False, **norm)
             for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y))
