@@ -68,8 +68,17 @@ def _known_loss(name: str) -> str:
     return name
 
 
+def _known_sampler(name: str) -> str:
+    from .data import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    return name
+
+
 ModelName = Annotated[str, AfterValidator(_known_model)]
 LossName = Annotated[str, AfterValidator(_known_loss)]
+SamplerName = Annotated[str, AfterValidator(_known_sampler)]
 
 
 class DataConfig(StrictModel):
@@ -89,6 +98,10 @@ class ModelConfig(StrictModel):
     nbn_all_bn: bool = False  # normalise every BN of the last stage, not just the branch-closing ones
     nbn_scale_weight_decay: bool = True  # apply weight decay to NBN's shared scalar
     classifier_bn: Literal["none", "affine", "plain"] = "none"  # BatchNorm1d on the logits
+    # linear: W f + b; cosine: cosine_scale * cos(w_c, f), no bias (LDAM's NormedLinear at scale 1, where the
+    # ldam loss applies its own scale; with other losses a scale of ~16-30 lets the softmax become confident)
+    classifier: Literal["linear", "cosine"] = "linear"
+    cosine_scale: float = Field(1.0, gt=0)
 
 class Stage1Config(StrictModel):
     """Backbone + classifier with plain loss and tuned weight decay (paper: 200 epochs, batch 64)."""
@@ -103,6 +116,16 @@ class Stage1Config(StrictModel):
     weight_decay: float = Field(5e-3, ge=0)
     warmup_epochs: int = Field(0, ge=0)  # linear warm-up (per step) for either schedule
     loss: LossName = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # loss ce: the target gets 1 - eps + eps / C
+    logit_adjust_tau: float = Field(1.0, ge=0)  # loss logit_adjusted: logits + tau * log(n_c / N)
+    ldam_max_margin: float = Field(0.5, gt=0)  # loss ldam: margin of the rarest class (m_c ~ n_c^(-1/4))
+    ldam_scale: float = Field(30.0, gt=0)  # loss ldam: logits (cosines) are multiplied by this
+    # Deferred re-weighting: from this 0-based stage-1 epoch on (160 of 200 in LDAM-DRW) the loss weights each
+    # class by its class-balanced weight (effective number, drw_beta); None: never. An epoch >= epochs never
+    # starts. For ce, balanced_softmax, logit_adjusted and ldam (the cb_* losses are re-weighted throughout).
+    drw_epoch: int | None = Field(None, ge=0)
+    drw_beta: float = Field(0.9999, ge=0, lt=1)
+    sampler: SamplerName = "instance"  # instance, class_balanced or sqrt (p_c ~ sqrt(n_c)), see data.SAMPLERS
     exempt_norm_bias_from_wd: bool = False
 
     @field_validator("lr_milestones")
@@ -116,6 +139,17 @@ class Stage1Config(StrictModel):
             raise ValueError(f"lr_milestones must be increasing epochs within 1..{epochs} (stage1.epochs)")
         return milestones
 
+    @field_validator("drw_epoch")
+    @classmethod
+    def _drw_needs_an_unweighted_loss(cls, drw_epoch: int | None, info: ValidationInfo) -> int | None:
+        from .losses import REWEIGHTABLE
+
+        loss = info.data.get("loss")
+        if drw_epoch is not None and loss is not None and loss not in REWEIGHTABLE:
+            raise ValueError(f"deferred re-weighting needs a loss without class weights ({', '.join(REWEIGHTABLE)}); "
+                             f"stage1.loss {loss!r} is class-balanced from the start")
+        return drw_epoch
+
 
 class Stage2Config(StrictModel):
     """Classifier retraining on a frozen backbone: class-balanced loss + weight decay + MaxNorm."""
@@ -126,9 +160,18 @@ class Stage2Config(StrictModel):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)
+    # retrain: the classifier (and logit BN) retrained; lws: learnable weight scaling (Kang et al. 2020), only a
+    # per-class scale of the frozen stage-1 classifier's logits is learned (weight decay applies to the scales;
+    # no MaxNorm). cRT is retrain with sampler class_balanced and loss ce.
+    mode: Literal["retrain", "lws"] = "retrain"
+    sampler: SamplerName = "instance"
     loss: LossName = "cb_softmax_bce"
     beta: float = Field(0.9999, ge=0, lt=1)  # class-balanced effective-number beta
     focal_gamma: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # as in stage1, for each loss of the same name
+    logit_adjust_tau: float = Field(1.0, ge=0)
+    ldam_max_margin: float = Field(0.5, gt=0)
+    ldam_scale: float = Field(30.0, gt=0)
     maxnorm_thresh: float | None = Field(0.1, ge=0)  # relative MaxNorm threshold; None disables MaxNorm
     maxnorm_every: Literal["step", "epoch"] = "step"
     update_bn_stats: bool = False  # the paper's code keeps BN in train mode during stage 2
@@ -160,6 +203,15 @@ class ExperimentConfig(StrictModel):
     stage2: Stage2Config = Stage2Config()
     posthoc: PosthocConfig = PosthocConfig()
     trainer: TrainerConfig = TrainerConfig()
+
+    @field_validator("stage2")
+    @classmethod
+    def _lws_without_logit_bn(cls, stage2: Stage2Config, info: ValidationInfo) -> Stage2Config:
+        model = info.data.get("model")
+        if stage2.mode == "lws" and model is not None and model.classifier_bn != "none":
+            raise ValueError(f"mode lws needs model.classifier_bn 'none', got {model.classifier_bn!r} (a BatchNorm "
+                             "on the logits would undo the per-class scales LWS learns)")
+        return stage2
 
 
 class _SafeLoader(yaml.SafeLoader):

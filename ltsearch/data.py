@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASETS",
     "MEAN",
+    "SAMPLERS",
     "STD",
     "DataError",
     "DatasetSpec",
@@ -36,6 +37,7 @@ __all__ = [
     "RawSplits",
     "TensorLoader",
     "default_root",
+    "epoch_indices",
     "load_data",
     "load_longtail",
     "load_split",
@@ -332,27 +334,62 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def _class_power(power: float):
+    """A draw of N indices with replacement, class c with probability ~ n_c^power and uniform within it."""
+
+    def draw(labels: Tensor, generator: torch.Generator) -> Tensor:
+        counts = torch.bincount(labels).double()
+        per_image = counts.pow(power - 1.0)[labels]  # n_c images of weight n_c^(power - 1): class mass n_c^power
+        return torch.multinomial(per_image, len(labels), replacement=True, generator=generator)
+
+    return draw
+
+
+# An epoch's training indices from (CPU int64 labels, a seeded generator), N of them whatever the sampler:
+# instance sampling is a permutation (each image once); class_balanced draws classes uniformly (cRT, Kang et
+# al. 2020); sqrt draws class c with probability ~ sqrt(n_c) (square-root sampling). Classes without images are
+# never drawn.
+SAMPLERS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
+    "instance": lambda labels, generator: torch.randperm(len(labels), generator=generator),
+    "class_balanced": _class_power(0.0),
+    "sqrt": _class_power(0.5),
+}
+
+
+def epoch_indices(labels: Tensor, sampler: str, seed: int, epoch: int) -> Tensor:
+    """The training indices of one epoch, drawn by `SAMPLERS[sampler]` from a generator seeded with
+    ``seed * 100003 + epoch`` alone (the same on every rank, so ranks can shard one order)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[sampler](labels.cpu(), torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 class TensorLoader:
     """Batches ``(normalised float images, labels)`` from uint8 tensors kept on ``device``.
 
-    Training order is ``randperm(N)`` seeded with ``seed * 100003 + epoch`` and augmentation is seeded from
-    (seed, epoch, rank), so an epoch is reproducible from those alone (exact resume after ``set_epoch``).
-    For DDP each rank takes ``indices[rank::world_size]``; in training the permutation is first padded by
-    repeating its start to a multiple of ``world_size`` (like DistributedSampler) so all ranks do the same
-    number of steps. Evaluation shards without padding, so no image counts twice in summed metrics; ranks
-    then differ by at most one batch.
+    Training order is ``epoch_indices(labels, sampler, seed, epoch)`` (instance sampling: ``randperm(N)``
+    seeded with ``seed * 100003 + epoch``; class-balanced and square-root sampling: N draws with replacement
+    from the same seed) and augmentation is seeded from (seed, epoch, rank), so an epoch is reproducible from
+    those alone (exact resume after ``set_epoch``). For DDP each rank takes ``indices[rank::world_size]``; in
+    training the order is first padded by repeating its start to a multiple of ``world_size`` (like
+    DistributedSampler) so all ranks do the same number of steps. Evaluation shards without padding, so no
+    image counts twice in summed metrics; ranks then differ by at most one batch.
     """
 
     def __init__(self, images_uint8: Tensor, labels: Tensor, batch_size: int, mean, std, train: bool,
                  seed: int = 0, device: str | torch.device = "cpu", channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, sampler: str = "instance"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if len(images_uint8) != len(labels):
             raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         self.device = torch.device(device)
         self.images = images_uint8.to(self.device)
         self.labels = labels.to(self.device)
+        self.cpu_labels = labels.cpu()  # the epoch's draw is made on the CPU, identically on every rank
+        self.sampler = sampler
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.channels_last, self.drop_last = channels_last, drop_last
         self.rank, self.world_size = rank, world_size
@@ -377,9 +414,9 @@ class TensorLoader:
         n = len(self.labels)
         if not self.train:
             return torch.arange(n)[self.rank::self.world_size]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        perm = epoch_indices(self.cpu_labels, self.sampler, self.seed, self.epoch)
         total = math.ceil(n / self.world_size) * self.world_size
-        perm = perm.repeat(math.ceil(total / n))[:total]  # pad with the permutation's beginning
+        perm = perm.repeat(math.ceil(total / n))[:total]  # pad with the order's beginning
         return perm[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -3,7 +3,8 @@
 With the backbone frozen (and its BN statistics frozen, the default), stage 2 only ever sees backbone
 features, so they can be computed once per stage-1 checkpoint: a few augmented views of the training set
 plus val and test. A stage-2 trial is then a linear classifier trained on tensors: about a second on CPU.
-Epoch e of stage 2 uses view e mod V, in a permutation seeded by (seed, e).
+Epoch e of stage 2 uses view e mod V, in the order `stage2.sampler` draws from (seed, e), as the trainer's
+loader does (a permutation for instance sampling).
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import math
 import torch
 
 from .config import ExperimentConfig
-from .data import TensorLoader, load_data, normalization
+from .data import TensorLoader, epoch_indices, load_data, normalization
 from .files import CHECKPOINT_FILE
 from .metrics import class_groups, classifier_metrics
-from .models import LTClassifier, build_model, model_from_config
+from .models import LTClassifier, model_from_config
 from .optim import classifier_head, classifier_setup, train_epoch
 
 __all__ = ["cache_features", "fit_classifier"]
@@ -58,21 +59,22 @@ def cache_features(config: ExperimentConfig, checkpoint_dir: str, views: int) ->
 
 def _stage1_head(config: ExperimentConfig, cache: dict) -> LTClassifier:
     """A model whose classifier (and logit BN) hold the cached stage-1 head. Every key is required: a head
-    that does not fit `config.model.classifier_bn` would otherwise start stage 2 from a random classifier."""
-    model = build_model(config.model.name, cache["num_classes"], classifier_bn=config.model.classifier_bn)
+    that does not fit `config.model.classifier` and `classifier_bn` would otherwise start stage 2 from a random
+    classifier."""
+    model = model_from_config(config.model, cache["num_classes"])
     head = classifier_head(model)
     missing = sorted(head.state_dict().keys() - cache["head"].keys())
     unexpected = sorted(cache["head"].keys() - head.state_dict().keys())
     if missing or unexpected:
-        raise ValueError(f"the cached stage-1 head does not fit model.classifier_bn="
-                         f"{config.model.classifier_bn!r}: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"the cached stage-1 head does not fit model.classifier={config.model.classifier!r}, "
+                         f"classifier_bn={config.model.classifier_bn!r}: missing {missing}, unexpected {unexpected}")
     head.load_state_dict(cache["head"])
     return model
 
 
 def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
-    """Stage 2 (class-balanced loss, weight decay, MaxNorm) on cached features; post-hoc tau with
-    `config.posthoc.tau`. Calls `report(metrics)` after every epoch and returns the last metrics.
+    """Stage 2 (any `stage2.mode`, `loss` and `sampler`, weight decay, MaxNorm) on cached features; post-hoc tau
+    with `config.posthoc.tau`. Calls `report(metrics)` after every epoch and returns the last metrics.
     With `stage2.enabled: false` the stage-1 classifier is only evaluated (one report): a tau search."""
     cfg, seed = config.stage2, config.trainer.seed
     model = _stage1_head(config, cache)
@@ -93,7 +95,7 @@ def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
     metrics: dict = {}
     for epoch in range(cfg.epochs):
         feats, labels = views[epoch % len(views)]
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        order = epoch_indices(labels, cfg.sampler, seed, epoch)  # as the trainer's loader draws an epoch
         batches = ((feats[idx], labels[idx]) for idx in order.split(cfg.batch_size))
         loss_sum, _ = train_epoch(setup, batches, epoch * steps_per_epoch)
         metrics = {"stage": 2, "epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, **evaluate()}

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 __all__ = [
-    "CLASSIFIER_BN", "MODELS", "LTClassifier", "NormalizedBatchNorm2d", "SharedScale", "ZeroPadShortcut",
-    "build_model", "cifar_resnet", "cifar_resnet_a", "convert_last_stage_to_nbn", "model_from_config",
-    "nbn_parameters", "torchvision_resnet50",
+    "CLASSIFIERS", "CLASSIFIER_BN", "MODELS", "ClassScale", "CosineLinear", "LTClassifier", "NormalizedBatchNorm2d",
+    "SharedScale", "ZeroPadShortcut", "build_model", "cifar_resnet", "cifar_resnet_a", "convert_last_stage_to_nbn",
+    "model_from_config", "nbn_parameters", "torchvision_resnet50",
 ]
 
 # Added to the L2 norms in NBN, as in the paper's reference code. BN biases start at zero, and
@@ -257,8 +257,58 @@ CLASSIFIER_BN: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+class CosineLinear(nn.Module):
+    """Cosine classifier: logit_c = scale * cos(w_c, f), no bias. At scale 1 this is LDAM-DRW's `NormedLinear`
+    (whose weight is stored transposed); its rows start as uniform(-1, 1) draws renormalised to unit length."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, scale
+        weight = torch.empty(out_features, in_features).uniform_(-1, 1)
+        self.weight = nn.Parameter(F.normalize(weight, dim=1))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(weight, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+
+
+# The classifier on top of the backbone: (feature_dim, num_classes, cosine scale) -> module with `weight`
+# (num_classes, feature_dim), `bias` (None for cosine), `in_features` and `out_features`.
+CLASSIFIERS: dict[str, Callable[[int, int, float], nn.Module]] = {
+    "linear": lambda in_features, num_classes, scale: nn.Linear(in_features, num_classes),
+    "cosine": CosineLinear,
+}
+
+
+class ClassScale(nn.Module):
+    """Learnable weight scaling (LWS, Kang et al. 2020): the logits times a learned per-class scale (init 1).
+    Stage 2 in `lws` mode puts one in `LTClassifier.logit_bn`'s place, in front of a frozen classifier."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.scale
+
+
+def _follow_class_scale(module: LTClassifier, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: a state with LWS scales (`logit_bn.scale`) gets a `ClassScale` to load into,
+    one without them the plain (identity) logits back, so a stage-2 LWS checkpoint resumes into a fresh model."""
+    has_scale = f"{prefix}logit_bn.scale" in state_dict
+    if has_scale and not isinstance(module.logit_bn, ClassScale):
+        module.use_class_scale()
+    elif not has_scale and isinstance(module.logit_bn, ClassScale):
+        module.logit_bn = nn.Identity()
+
+
 class LTClassifier(nn.Module):
-    """Backbone features -> linear classifier -> optional BatchNorm on the logits."""
+    """Backbone features -> linear or cosine classifier -> optional BatchNorm on the logits (or, after an LWS
+    stage 2, a per-class scale)."""
 
     def __init__(
         self,
@@ -266,19 +316,32 @@ class LTClassifier(nn.Module):
         num_classes: int,
         logit_bn: nn.Module,
         nbn_scale: SharedScale | None = None,
+        classifier: str = "linear",
+        cosine_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.features = features
-        self.classifier = nn.Linear(features.feature_dim, num_classes)
+        self.classifier = CLASSIFIERS[classifier](features.feature_dim, num_classes, cosine_scale)
         init_classifier = getattr(features, "init_classifier", None)
-        if init_classifier is not None:
+        if init_classifier is not None and isinstance(self.classifier, nn.Linear):  # as LDAM-DRW's _weights_init
             init_classifier(self.classifier)
         self.logit_bn = logit_bn
         self.nbn_scale = nbn_scale
+        self.register_load_state_dict_pre_hook(_follow_class_scale)
 
     @property
     def feature_dim(self) -> int:
         return self.classifier.in_features
+
+    def use_class_scale(self) -> ClassScale:
+        """Put a `ClassScale` (all ones) after the classifier, in place of the identity `logit_bn`; return it."""
+        if isinstance(self.logit_bn, ClassScale):
+            return self.logit_bn
+        if not isinstance(self.logit_bn, nn.Identity):
+            raise TypeError("learnable weight scaling needs a model without a BatchNorm on the logits")
+        weight = self.classifier.weight
+        self.logit_bn = ClassScale(self.classifier.out_features).to(weight.device)
+        return self.logit_bn
 
     def logits_from_features(
         self,
@@ -287,7 +350,10 @@ class LTClassifier(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Classify precomputed features; `weight`/`bias` replace the classifier's own (e.g. for
-        post-hoc tau-normalisation). None keeps the classifier's parameter; pass zeros to drop the bias."""
+        post-hoc tau-normalisation). None keeps the classifier's parameter; pass zeros to drop the bias.
+        A cosine classifier normalises whatever weight it gets (so tau-normalisation does not change it)."""
+        if isinstance(self.classifier, CosineLinear):
+            return self.logit_bn(self.classifier(feats, weight))
         weight = self.classifier.weight if weight is None else weight
         bias = self.classifier.bias if bias is None else bias
         return self.logit_bn(F.linear(feats, weight, bias))
@@ -302,26 +368,33 @@ def build_model(
     nbn: bool = False,
     nbn_all_bn: bool = False,
     classifier_bn: str = "none",
+    classifier: str = "linear",
+    cosine_scale: float = 1.0,
 ) -> LTClassifier:
     """Build `MODELS[name]` with a `num_classes` head. `nbn` normalises the last stage's
     branch-closing and shortcut BNs (`nbn_all_bn`: every BN of that stage; ignored without `nbn`)
-    with one shared alpha. Option-A shortcuts have no BN, so there NBN takes the closing BNs only."""
+    with one shared alpha. Option-A shortcuts have no BN, so there NBN takes the closing BNs only.
+    `classifier` is `linear` or `cosine` (logits `cosine_scale` * cos(w_c, f), see `CosineLinear`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
     if classifier_bn not in CLASSIFIER_BN:
         raise ValueError(f"unknown classifier_bn {classifier_bn!r}; available: {sorted(CLASSIFIER_BN)}")
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; available: {sorted(CLASSIFIERS)}")
     features = MODELS[name]()
     nbn_scale = None
     if nbn:
         nbn_scale = SharedScale()
         convert_last_stage_to_nbn(features, nbn_scale, all_bn=nbn_all_bn)
-    return LTClassifier(features, num_classes, CLASSIFIER_BN[classifier_bn](num_classes), nbn_scale)
+    return LTClassifier(features, num_classes, CLASSIFIER_BN[classifier_bn](num_classes), nbn_scale,
+                        classifier=classifier, cosine_scale=cosine_scale)
 
 
 def model_from_config(model: ModelConfig, num_classes: int) -> LTClassifier:
     """`build_model` with the settings of an experiment's `model` section."""
     return build_model(model.name, num_classes, nbn=model.nbn, nbn_all_bn=model.nbn_all_bn,
-                       classifier_bn=model.classifier_bn)
+                       classifier_bn=model.classifier_bn, classifier=model.classifier,
+                       cosine_scale=model.cosine_scale)
 
 
 def nbn_parameters(model: LTClassifier) -> list[nn.Parameter]:

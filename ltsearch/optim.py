@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Stage2Config
-from .losses import build_loss
+from .losses import loss_from_config
 from .models import LTClassifier
 from .regularizers import MaxNorm, relative_max_norm, weight_decay_groups
 from .schedules import lr_schedule
@@ -35,6 +35,7 @@ class StageSetup:
     logits: Callable[[Tensor], Tensor]  # a training batch (images, or features) -> logits
     set_modes: Callable[[], None]  # train/eval modes for a training epoch
     max_norm: MaxNorm | None = None
+    on_epoch: Callable[[int], None] | None = None  # called with the 0-based stage epoch before it (DRW)
 
 
 def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, lr: float,
@@ -81,18 +82,23 @@ def classifier_head(model: LTClassifier) -> nn.Sequential:
 
 def classifier_setup(model: LTClassifier, cfg: Stage2Config, class_counts, stage1_weight: Tensor,
                      steps_per_epoch: int) -> StageSetup:
-    """Stage 2 on backbone features: `model`'s classifier and logit BN retrained with weight decay, the
-    class-balanced loss and a cosine learning rate, under MaxNorm with its radius from the stage-1 classifier
-    weight `stage1_weight`. Its `logits` take features; the backbone is not touched."""
-    head = classifier_head(model)
+    """Stage 2 on backbone features with `cfg.loss`, weight decay and a cosine learning rate. Mode `retrain`:
+    `model`'s classifier and logit BN are retrained, under MaxNorm with its radius from the stage-1 classifier
+    weight `stage1_weight`. Mode `lws`: the classifier is frozen and a per-class scale of its logits
+    (`model.use_class_scale()`, in the logit BN's place) is all that is learned; no MaxNorm. Its `logits`
+    take features; the backbone is not touched."""
     max_norm = None
-    if cfg.maxnorm_thresh is not None:
+    if cfg.mode == "lws":
+        model.classifier.requires_grad_(False)
+        model.use_class_scale()
+    elif cfg.maxnorm_thresh is not None:
         max_norm = MaxNorm(model.classifier.weight, relative_max_norm(stage1_weight, cfg.maxnorm_thresh),
                            cfg.maxnorm_every)
+    head = classifier_head(model)
     return StageSetup(
         module=head,
         optimizer=torch.optim.SGD(weight_decay_groups(head, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum),
-        loss_fn=build_loss(cfg.loss, class_counts, beta=cfg.beta, gamma=cfg.focal_gamma),
+        loss_fn=loss_from_config(cfg, class_counts),
         lr=lr_schedule("cosine", cfg.lr, cfg.epochs, steps_per_epoch),
         logits=head,
         set_modes=head.train,

@@ -338,6 +338,16 @@ _NEEDS: dict[str, tuple[str, Any, str]] = {
     "stage2.maxnorm_every": ("stage2.maxnorm_thresh", lambda v: v is not None, "a stage2.maxnorm_thresh"),
     "stage1.lr_milestones": ("stage1.lr_schedule", lambda v: v == "step", "stage1.lr_schedule: step"),
     "stage1.lr_gamma": ("stage1.lr_schedule", lambda v: v == "step", "stage1.lr_schedule: step"),
+    "model.cosine_scale": ("model.classifier", lambda v: v == "cosine", "model.classifier: cosine"),
+    # tau-normalising the rows of a cosine classifier changes no logit: it normalises them anyway
+    "posthoc.tau": ("model.classifier", lambda v: v == "linear", "model.classifier: linear"),
+    "stage1.drw_beta": ("stage1.drw_epoch", lambda v: v is not None, "a stage1.drw_epoch"),
+    # LWS freezes the classifier, so there is nothing for MaxNorm to cap
+    "stage2.maxnorm_thresh": ("stage2.mode", lambda v: v == "retrain", "stage2.mode: retrain"),
+    **{f"{stage}.{key}": (f"{stage}.loss", lambda v, loss=loss: v == loss, f"{stage}.loss: {loss}")
+       for stage in ("stage1", "stage2")
+       for key, loss in (("label_smoothing", "ce"), ("logit_adjust_tau", "logit_adjusted"),
+                         ("ldam_max_margin", "ldam"), ("ldam_scale", "ldam"))},
 }
 
 

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import ExperimentConfig
 from .data import LongTailData, TensorLoader, load_data, normalization
 from .files import CHECKPOINT_FILE, atomic_save
-from .losses import build_loss
+from .losses import loss_from_config
 from .metrics import class_groups, classifier_metrics
 from .models import LTClassifier, model_from_config, nbn_parameters
 from .optim import StageSetup, classifier_setup, train_epoch
@@ -121,8 +121,8 @@ class _Run:
             split: TensorLoader(x, y, t.eval_batch_size, train=False, **norm)
             for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y))
             if len(y) > 0}
-        self.train_loader = lambda batch_size: TensorLoader(
-            data.train_x, data.train_y, batch_size, train=True, seed=t.seed, **norm)
+        self.train_loader = lambda batch_size, sampler: TensorLoader(
+            data.train_x, data.train_y, batch_size, train=True, seed=t.seed, sampler=sampler, **norm)
         self.history: list[dict] = []
         self.best: dict[int, dict] = {}  # stage -> {"metrics": ..., "model": state_dict}
         self.last: dict[int, dict] = {}  # stage -> metrics of its latest epoch
@@ -193,8 +193,10 @@ class _Run:
             return module(x)
 
     def _stage1_setup(self, steps_per_epoch: int) -> StageSetup:
-        """Backbone + classifier on images, with weight decay (NBN's scale decayed iff its own setting)."""
+        """Backbone + classifier on images, with weight decay (NBN's scale decayed iff its own setting); with
+        `stage1.drw_epoch` the loss switches to class-balanced weights at that epoch (`on_epoch`)."""
         cfg, model = self.config.stage1, self.model
+        loss_fn = loss_from_config(cfg, self.data.class_counts).to(self.device)
         scale = nbn_parameters(model)
         decay_scale = self.config.model.nbn_scale_weight_decay
         params = weight_decay_groups(model, cfg.weight_decay, cfg.exempt_norm_bias_from_wd,
@@ -203,16 +205,18 @@ class _Run:
         return StageSetup(
             module=model,
             optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum),
-            loss_fn=build_loss(cfg.loss, self.data.class_counts).to(self.device),
+            loss_fn=loss_fn,
             lr=lr_schedule(cfg.lr_schedule, cfg.lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                            cfg.lr_milestones, cfg.lr_gamma),
             logits=lambda x: self._forward(ddp, x),
             set_modes=model.train,
+            on_epoch=getattr(loss_fn, "set_epoch", None),
         )
 
     def _stage2_setup(self, steps_per_epoch: int) -> StageSetup:
-        """The classifier retrained on the frozen backbone's features (its BN statistics frozen too unless
-        `stage2.update_bn_stats`); MaxNorm's radius comes from the stage-1 classifier stage 2 starts from."""
+        """The classifier retrained (or, in `lws` mode, a per-class scale of it learned) on the frozen backbone's
+        features (its BN statistics frozen too unless `stage2.update_bn_stats`); MaxNorm's radius comes from the
+        stage-1 classifier stage 2 starts from."""
         cfg, model = self.config.stage2, self.model
         for p in model.features.parameters():
             p.requires_grad_(False)
@@ -239,7 +243,7 @@ class _Run:
             cfg, epoch_offset, make_setup = self.config.stage1, 0, self._stage1_setup
         else:  # on the global epoch axis, stage 2 follows stage 1's epochs
             cfg, epoch_offset, make_setup = self.config.stage2, self.config.stage1.epochs, self._stage2_setup
-        loader = self.train_loader(cfg.batch_size)
+        loader = self.train_loader(cfg.batch_size, cfg.sampler)
         steps_per_epoch = len(loader)
         setup = make_setup(steps_per_epoch)
         if optimizer_state is not None:
@@ -251,6 +255,8 @@ class _Run:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             loader.set_epoch(epoch_offset + epoch)
+            if setup.on_epoch is not None:
+                setup.on_epoch(epoch)
             batches = _progress(loader, progress and self.rank == 0, f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
             loss_sum, lr = train_epoch(setup, batches, epoch * steps_per_epoch, scaler, self.device)
             train_loss = _all_sum(loss_sum).item() / (steps_per_epoch * self.world)

@@ -353,3 +353,53 @@ def test_lr_gamma_is_a_decay_factor(gamma):
 def test_lr_schedule_is_cosine_or_step():
     with pytest.raises(ConfigError, match="stage1.lr_schedule"):
         with_overrides(ExperimentConfig(), {"stage1.lr_schedule": "linear"})
+
+
+# ---------------------------------------------------------------- long-tail method keys
+
+def test_method_keys_default_to_the_plain_recipe():
+    cfg = ExperimentConfig()
+    assert cfg.model.classifier == "linear" and cfg.model.cosine_scale == 1.0
+    for stage in (cfg.stage1, cfg.stage2):
+        assert stage.sampler == "instance" and stage.label_smoothing == 0.0 and stage.logit_adjust_tau == 1.0
+        assert stage.ldam_max_margin == 0.5 and stage.ldam_scale == 30.0  # LDAM-DRW's max_m and s
+    assert cfg.stage1.drw_epoch is None and cfg.stage1.drw_beta == 0.9999
+    assert cfg.stage2.mode == "retrain"
+
+
+def test_method_keys_load_from_yaml(tmp_path):
+    path = write(tmp_path, "model: {classifier: cosine}\n"
+                           "stage1: {loss: ldam, drw_epoch: 160, sampler: sqrt, ldam_scale: 20}\n"
+                           "stage2: {mode: lws, sampler: class_balanced, loss: ce, label_smoothing: 0.1}\n")
+    cfg = load_config(path)
+    assert (cfg.model.classifier, cfg.stage1.loss, cfg.stage1.drw_epoch) == ("cosine", "ldam", 160)
+    assert (cfg.stage1.sampler, cfg.stage1.ldam_scale) == ("sqrt", 20.0)
+    assert (cfg.stage2.mode, cfg.stage2.sampler, cfg.stage2.label_smoothing) == ("lws", "class_balanced", 0.1)
+
+
+@pytest.mark.parametrize("text, key, needle", [
+    ("model:\n  classifier: arcface\n", "model.classifier", "'linear' or 'cosine'"),
+    ("model:\n  cosine_scale: 0\n", "model.cosine_scale", "greater than 0"),
+    ("stage1:\n  sampler: balanced\n", "stage1.sampler", "class_balanced"),
+    ("stage2:\n  sampler: balanced\n", "stage2.sampler", "sqrt"),
+    ("stage2:\n  mode: crt\n", "stage2.mode", "'retrain' or 'lws'"),
+    ("stage1:\n  label_smoothing: 1.0\n", "stage1.label_smoothing", "less than 1"),
+    ("stage2:\n  logit_adjust_tau: -1\n", "stage2.logit_adjust_tau", "greater than or equal to 0"),
+    ("stage1:\n  ldam_max_margin: 0\n", "stage1.ldam_max_margin", "greater than 0"),
+    ("stage2:\n  ldam_scale: -30\n", "stage2.ldam_scale", "greater than 0"),
+    ("stage1:\n  drw_epoch: -1\n", "stage1.drw_epoch", "greater than or equal to 0"),
+    ("stage1:\n  drw_beta: 1.0\n", "stage1.drw_beta", "less than 1"),
+    ("stage1:\n  loss: cb_ce\n  drw_epoch: 10\n", "stage1.drw_epoch", "'cb_ce' is class-balanced from the start"),
+    ("model:\n  classifier_bn: affine\nstage2:\n  mode: lws\n", "stage2", "mode lws needs model.classifier_bn"),
+])
+def test_bad_method_values_name_the_key(tmp_path, text, key, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {key}: ") and needle in msg and "\n" not in msg
+
+
+def test_drw_epoch_accepts_every_reweightable_loss():
+    for loss in ("ce", "balanced_softmax", "logit_adjusted", "ldam"):
+        assert with_overrides(ExperimentConfig(), {"stage1.loss": loss, "stage1.drw_epoch": 3}).stage1.drw_epoch == 3

@@ -14,11 +14,13 @@ import torch
 from ltsearch.data import (
     DATASETS,
     MEAN,
+    SAMPLERS,
     STD,
     DataError,
     LongTailData,
     TensorLoader,
     default_root,
+    epoch_indices,
     load_longtail,
     load_split,
     lt_class_counts,
@@ -420,3 +422,113 @@ def test_normalisation_of_a_constant_image_and_channels_last():
 def test_loader_rejects_a_bad_rank():
     with pytest.raises(ValueError):
         _loader(rank=2, world_size=2)
+
+
+# ---------------------------------------------------------------- samplers
+
+LT_COUNTS = [400, 100, 25, 4]  # 529 images, IF 100
+
+
+def _lt_labels() -> torch.Tensor:
+    """Labels with LT_COUNTS, shuffled (a fixed order), so a class is not a contiguous block of indices."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(LT_COUNTS)])
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(123))]
+
+
+def _class_frequencies(sampler: str, epochs: int = 60) -> torch.Tensor:
+    labels = _lt_labels()
+    drawn = torch.cat([labels[epoch_indices(labels, sampler, seed=0, epoch=e)] for e in range(epochs)])
+    return torch.bincount(drawn, minlength=len(LT_COUNTS)).double() / len(drawn)
+
+
+def test_registry_of_samplers():
+    assert set(SAMPLERS) == {"instance", "class_balanced", "sqrt"}
+
+
+def test_instance_sampler_is_the_seeded_permutation():
+    labels = _lt_labels()
+    expected = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3 * 100003 + 5))
+    assert torch.equal(epoch_indices(labels, "instance", seed=3, epoch=5), expected)
+
+
+def test_class_balanced_sampler_draws_classes_uniformly():
+    # 60 epochs x 529 draws: the standard error of a frequency near 1/4 is sqrt(0.25 * 0.75 / 31740) = 0.0024
+    freq = _class_frequencies("class_balanced")
+    assert freq.tolist() == pytest.approx([0.25] * 4, abs=0.012)
+
+
+def test_sqrt_sampler_draws_classes_by_the_square_root_of_their_counts():
+    # sqrt of [400, 100, 25, 4] = [20, 10, 5, 2], summing to 37
+    freq = _class_frequencies("sqrt")
+    assert freq.tolist() == pytest.approx([20 / 37, 10 / 37, 5 / 37, 2 / 37], abs=0.012)
+    # instance sampling keeps the long tail: [400, 100, 25, 4] / 529 exactly, every image once
+    assert _class_frequencies("instance", epochs=1).tolist() == pytest.approx([n / 529 for n in LT_COUNTS])
+
+
+def test_class_balanced_sampler_is_uniform_within_a_class():
+    # the 4 images of the rarest class share its quarter: 60 x 529 / 4 / 4 = 1983.75 draws each
+    labels = _lt_labels()
+    rare = torch.nonzero(labels == 3).flatten()
+    drawn = torch.cat([epoch_indices(labels, "class_balanced", seed=0, epoch=e) for e in range(60)])
+    per_image = torch.stack([(drawn == i).sum() for i in rare]).double()
+    assert per_image.tolist() == pytest.approx([1983.75] * 4, rel=0.08)
+
+
+@pytest.mark.parametrize("sampler", ["class_balanced", "sqrt"])
+def test_resampling_is_deterministic_per_seed_and_epoch_and_draws_n(sampler):
+    labels = _lt_labels()
+    first = epoch_indices(labels, sampler, seed=4, epoch=7)
+    assert len(first) == len(labels) and first.dtype == torch.int64
+    assert torch.equal(first, epoch_indices(labels.clone(), sampler, seed=4, epoch=7))  # as after a resume
+    assert not torch.equal(first, epoch_indices(labels, sampler, seed=4, epoch=8))
+    assert not torch.equal(first, epoch_indices(labels, sampler, seed=5, epoch=7))
+    assert len(set(first.tolist())) < len(labels)  # with replacement: the rare images repeat
+
+
+def test_resampling_never_draws_a_class_without_images():
+    labels = torch.tensor([0] * 30 + [2] * 3)  # class 1 (and 3, past the largest label) has no image
+    drawn = labels[epoch_indices(labels, "class_balanced", seed=0, epoch=0)]
+    assert set(drawn.tolist()) <= {0, 2}
+
+
+@pytest.mark.parametrize("sampler", ["class_balanced", "sqrt"])
+def test_loader_resamples_with_the_instance_samplers_length(sampler):
+    labels = _lt_labels()
+    images = torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8)
+    kw = {"train": True, "seed": 2}
+    loader = TensorLoader(images, labels, 50, MEAN["cifar10"], STD["cifar10"], sampler=sampler, **kw)
+    instance = TensorLoader(images, labels, 50, MEAN["cifar10"], STD["cifar10"], **kw)
+    assert len(loader) == len(instance) == 11
+    loader.set_epoch(3)
+    drawn = torch.cat([y for _, y in loader])
+    assert torch.equal(drawn, labels[epoch_indices(labels, sampler, seed=2, epoch=3)])
+
+
+@pytest.mark.parametrize("sampler", ["class_balanced", "sqrt"])
+def test_resampled_epoch_is_sharded_across_ranks(sampler):
+    """The two ranks of a DDP run take disjoint positions of one draw (interleaved they are the single-process
+    order, padded by its first element to an even length) in the same number of steps."""
+    n = 103
+    labels = torch.arange(n) % 5
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()  # image i is i
+
+    def positions(rank, world):  # the images a rank trains on: the brightest pixel survives crops (padding is 0)
+        loader = TensorLoader(images, labels, 10, MEAN["cifar10"], STD["cifar10"], train=True, seed=1,
+                              rank=rank, world_size=world, sampler=sampler)
+        loader.set_epoch(4)
+        x = torch.cat([x for x, _ in loader])[:, 0].amax(dim=(1, 2))
+        return ((x * STD["cifar10"][0] + MEAN["cifar10"][0]) * 255).round().long(), len(loader)
+
+    single, _ = positions(0, 1)
+    (r0, steps0), (r1, steps1) = positions(0, 2), positions(1, 2)
+    assert steps0 == steps1 == 6 and len(r0) == len(r1) == 52
+    padded = torch.cat([single, single[:1]])
+    assert torch.equal(r0, padded[0::2]) and torch.equal(r1, padded[1::2])
+    assert torch.equal(single, epoch_indices(labels, sampler, seed=1, epoch=4))
+
+
+def test_unknown_sampler_is_refused_with_the_known_names():
+    with pytest.raises(ValueError, match="'balanced'.*class_balanced"):
+        _loader(sampler="balanced")
+    with pytest.raises(ValueError, match="'balanced'"):
+        epoch_indices(torch.arange(3), "balanced", 0, 0)

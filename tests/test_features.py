@@ -71,3 +71,84 @@ def test_fit_classifier_refuses_a_head_that_does_not_fit(stage1):
         fit_classifier(headless, config)
     with pytest.raises(ValueError, match=r"classifier_bn='affine': missing \['logit_bn.bias'"):
         fit_classifier(cache, with_overrides(config, {"model.classifier_bn": "affine"}))
+
+
+# ---------------------------------------------------------------- stage-2 variants on cached features
+
+@pytest.mark.parametrize("mode, sampler, loss", [
+    ("retrain", "class_balanced", "ce"),  # cRT
+    ("retrain", "sqrt", "balanced_softmax"),
+    ("retrain", "instance", "logit_adjusted"),
+    ("retrain", "class_balanced", "ldam"),
+    ("lws", "class_balanced", "ce"),
+    ("lws", "instance", "cb_softmax_bce"),
+])
+def test_fit_classifier_runs_every_stage2_variant(stage1, mode, sampler, loss, monkeypatch):
+    from ltsearch import data
+
+    config, ckpt = stage1
+    cache = cache_features(config, str(ckpt), views=2)
+    drawn = []
+    original = data.SAMPLERS[sampler]
+    monkeypatch.setitem(data.SAMPLERS, sampler, lambda labels, g: drawn.append(len(labels)) or original(labels, g))
+    config = with_overrides(config, {"stage2.enabled": True, "stage2.epochs": 2, "stage2.mode": mode,
+                                     "stage2.sampler": sampler, "stage2.loss": loss, "stage2.lr": 0.05})
+    reports = []
+    last = fit_classifier(cache, config, report=reports.append)
+    n_train = sum(cache["class_counts"])
+    assert drawn == [n_train, n_train]  # one draw per epoch, over the cached training features
+    assert [r["epoch"] for r in reports] == [1, 2] and last["train_loss"] > 0
+    assert 0 <= last["val_acc"] <= 100 and "tau_val_acc" in last
+    stage1_norms = cache["head"]["classifier.weight"].norm(dim=1).tolist()
+    if mode == "lws":  # the classifier is frozen: its norms stay the stage-1 ones while the scales train
+        assert last["classifier_norms"] == pytest.approx(stage1_norms)
+    else:
+        assert last["classifier_norms"] != pytest.approx(stage1_norms)
+
+
+def test_lws_on_features_matches_the_scaled_stage1_logits(stage1, monkeypatch):
+    """An LWS fit changes predictions only through per-class scales: the cached stage-1 logits times the fitted
+    scales give exactly the reported validation accuracy."""
+    from ltsearch import features
+
+    config, ckpt = stage1
+    cache = cache_features(config, str(ckpt), views=1)
+    config = with_overrides(config, {"stage2.enabled": True, "stage2.epochs": 2, "stage2.mode": "lws",
+                                     "stage2.sampler": "class_balanced", "stage2.loss": "ce", "stage2.lr": 0.5})
+    captured, metrics = {}, features.classifier_metrics
+
+    def spy(model, *args, **kw):  # the model fit_classifier evaluates
+        captured["scale"] = model.logit_bn.scale.detach().clone()
+        return metrics(model, *args, **kw)
+
+    monkeypatch.setattr(features, "classifier_metrics", spy)
+    last = fit_classifier(cache, config)
+    feats, labels = cache["val"]
+    w, b = cache["head"]["classifier.weight"], cache["head"]["classifier.bias"]
+    predicted = ((feats @ w.T + b) * captured["scale"]).argmax(1)
+    assert last["val_acc"] == pytest.approx(100.0 * (predicted == labels).double().mean().item())
+    assert not torch.equal(captured["scale"], torch.ones(10))
+
+
+@pytest.fixture(scope="module")
+def cosine_stage1(cifar10_root, tmp_path_factory):
+    """A 1-epoch stage-1 run with a cosine classifier (scale 16) and its checkpoint."""
+    config = small_config(cifar10_root, **{"stage2.enabled": False, "stage1.epochs": 1,
+                                           "model.classifier": "cosine", "model.cosine_scale": 16.0})
+    out = tmp_path_factory.mktemp("cosine")
+    saved = []
+    train(config, report=lambda m, ckpt: saved.append(shutil.copytree(ckpt, out / f"e{m['epoch']}")))
+    return config, saved[-1]
+
+
+@pytest.mark.parametrize("mode", ["retrain", "lws"])
+def test_fit_classifier_on_a_cosine_head(cosine_stage1, mode):
+    config, ckpt = cosine_stage1
+    cache = cache_features(config, str(ckpt), views=1)
+    assert set(cache["head"]) == {"classifier.weight"}  # no bias
+    config = with_overrides(config, {"stage2.enabled": True, "stage2.epochs": 1, "stage2.mode": mode,
+                                     "stage2.loss": "ce", "stage2.sampler": "class_balanced"})
+    last = fit_classifier(cache, config)
+    assert last["train_loss"] > 0 and 0 <= last["val_acc"] <= 100
+    with pytest.raises(ValueError, match=r"model.classifier='linear'.*missing \['classifier.bias'\]"):
+        fit_classifier(cache, with_overrides(config, {"model.classifier": "linear"}))

@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltsearch.losses import LOSSES, build_loss, class_balanced_weights
+from ltsearch.config import Stage1Config, Stage2Config
+from ltsearch.losses import (
+    LOSSES,
+    DeferredReweighting,
+    build_loss,
+    class_balanced_weights,
+    ldam_margins,
+    loss_from_config,
+)
 
 # ---------------------------------------------------------------- class-balanced weights
 
@@ -101,7 +109,7 @@ def test_registered_loss_accepts_half_precision_logits(name):
 
 
 def test_registry_names():
-    assert set(LOSSES) == {"ce", "cb_ce", "cb_softmax_bce", "cb_focal"}
+    assert set(LOSSES) == {"ce", "balanced_softmax", "logit_adjusted", "ldam", "cb_ce", "cb_softmax_bce", "cb_focal"}
 
 
 # ---------------------------------------------------------------- individual losses
@@ -202,3 +210,135 @@ def test_build_loss_unknown_name():
         build_loss("hinge", [1, 2, 3])
     for name in LOSSES:
         assert name in str(info.value)
+
+
+# ---------------------------------------------------------------- logit-adjusting losses, by hand
+
+def test_balanced_softmax_hand_example():
+    # 2 classes, logits [0, 0], counts [3, 1]: the loss is CE on [0 + log 3, 0 + log 1]
+    # class 0: -log(e^{log 3} / (e^{log 3} + e^{log 1})) = -log(3 / 4); class 1: -log(1 / 4)
+    loss_fn = build_loss("balanced_softmax", [3, 1])
+    zeros = torch.zeros(1, 2)
+    assert loss_fn(zeros, torch.tensor([0])).item() == pytest.approx(-math.log(3 / 4), rel=1e-6)
+    assert loss_fn(zeros, torch.tensor([1])).item() == pytest.approx(-math.log(1 / 4), rel=1e-6)
+    both = loss_fn(torch.zeros(2, 2), torch.tensor([0, 1])).item()
+    assert both == pytest.approx((-math.log(3 / 4) - math.log(1 / 4)) / 2, rel=1e-6)
+    # logits [ln 2, 0], counts [1, 2]: adjusted [ln 2 + ln 1, 0 + ln 2] = [ln 2, ln 2], so -log(1/2) either way
+    half = build_loss("balanced_softmax", [1, 2])(torch.tensor([[math.log(2.0), 0.0]]), torch.tensor([1]))
+    assert half.item() == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_logit_adjusted_hand_example():
+    # counts [3, 1], pi = [3/4, 1/4], tau 2: adjusted logits [2 log(3/4), 2 log(1/4)], i.e. e^z = [9/16, 1/16]
+    # class 0: -log((9/16) / (10/16)) = -log(9/10); class 1: -log(1/10)
+    loss_fn = build_loss("logit_adjusted", [3, 1], logit_adjust_tau=2.0)
+    zeros = torch.zeros(1, 2)
+    assert loss_fn(zeros, torch.tensor([0])).item() == pytest.approx(-math.log(0.9), rel=1e-6)
+    assert loss_fn(zeros, torch.tensor([1])).item() == pytest.approx(-math.log(0.1), rel=1e-6)
+    # tau 0 is plain CE: logits [0, 0] give log 2 whatever the counts
+    plain = build_loss("logit_adjusted", [3, 1], logit_adjust_tau=0.0)(zeros, torch.tensor([1]))
+    assert plain.item() == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_logit_adjusted_with_tau_one_is_balanced_softmax():
+    # log pi_c = log n_c - log N: the constant -log N shifts every logit alike and cancels in the softmax
+    torch.manual_seed(0)
+    logits, target, counts = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0]), [50, 10, 2]
+    adjusted = build_loss("logit_adjusted", counts, logit_adjust_tau=1.0)(logits, target)
+    balanced = build_loss("balanced_softmax", counts)(logits, target)
+    assert adjusted.item() == pytest.approx(balanced.item(), rel=1e-6)
+
+
+def test_logit_adjusting_losses_survive_a_class_without_images():
+    # counts [3, 0, 1]: the empty class gets offset -inf, probability 0; tau 0 must not make 0 * -inf = nan
+    logits, target = torch.zeros(1, 3), torch.tensor([0])
+    balanced = build_loss("balanced_softmax", [3, 0, 1])(logits, target)
+    assert balanced.item() == pytest.approx(-math.log(3 / 4), rel=1e-6)
+    plain = build_loss("logit_adjusted", [3, 0, 1], logit_adjust_tau=0.0)(logits, target)
+    assert plain.item() == pytest.approx(math.log(3.0), rel=1e-6)
+
+
+def test_ldam_margins_hand_example():
+    # m_c ~ n_c^(-1/4): 16 -> 1/2, 1 -> 1; scaled so the largest is 0.5: [0.25, 0.5]
+    assert ldam_margins([16, 1], 0.5).tolist() == pytest.approx([0.25, 0.5])
+    # 81 -> 1/3, 16 -> 1/2, 1 -> 1, largest 0.5: [1/6, 1/4, 1/2]; a class without images gets 0
+    assert ldam_margins([81, 16, 1, 0], 0.5).tolist() == pytest.approx([1 / 6, 1 / 4, 1 / 2, 0.0])
+
+
+def test_ldam_hand_example():
+    # counts [16, 1], max margin 0.5 -> margins [0.25, 0.5]; scale 2; logits [0, 0]
+    # target 0: CE on 2 * [0 - 0.25, 0] = [-0.5, 0] -> -log(e^-0.5 / (e^-0.5 + 1)) = log(1 + e^0.5)
+    # target 1: CE on 2 * [0, 0 - 0.5] = [0, -1]    -> log(1 + e^1)
+    loss_fn = build_loss("ldam", [16, 1], ldam_max_margin=0.5, ldam_scale=2.0)
+    zeros = torch.zeros(1, 2)
+    assert loss_fn(zeros, torch.tensor([0])).item() == pytest.approx(math.log(1 + math.exp(0.5)), rel=1e-6)
+    assert loss_fn(zeros, torch.tensor([1])).item() == pytest.approx(math.log(1 + math.exp(1.0)), rel=1e-6)
+    # only the true class's logit moves: cosines [0.5, 0.2], target 1, defaults (max margin 0.5, scale 30)
+    # -> 30 * [0.5, 0.2 - 0.5] = [15, -9] -> log(1 + e^24)
+    default = build_loss("ldam", [16, 1])(torch.tensor([[0.5, 0.2]]), torch.tensor([1]))
+    assert default.item() == pytest.approx(math.log(1 + math.exp(24.0)), rel=1e-6)
+
+
+def test_ldam_class_weight_is_a_weighted_mean():
+    # per-sample losses from the hand example, weights [1, 3]: (1 * l0 + 3 * l1) / (1 + 3)
+    loss_fn = build_loss("ldam", [16, 1], ldam_max_margin=0.5, ldam_scale=2.0)
+    l0, l1 = math.log(1 + math.exp(0.5)), math.log(1 + math.exp(1.0))
+    loss = loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), weight=torch.tensor([1.0, 3.0]))
+    assert loss.item() == pytest.approx((l0 + 3 * l1) / 4, rel=1e-6)
+
+
+def test_ce_label_smoothing_hand_example():
+    # 2 classes, eps 0.2: target 0 becomes q = [1 - 0.2 + 0.1, 0.1] = [0.9, 0.1]
+    # logits [0, ln 3] -> p = [1/4, 3/4]; loss = -(0.9 log(1/4) + 0.1 log(3/4))
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    loss = build_loss("ce", [5, 5], label_smoothing=0.2)(logits, torch.tensor([0]))
+    assert loss.item() == pytest.approx(-(0.9 * math.log(1 / 4) + 0.1 * math.log(3 / 4)), rel=1e-6)
+    assert build_loss("ce", [5, 5])(logits, torch.tensor([0])).item() == pytest.approx(math.log(4.0), rel=1e-6)
+
+
+# ---------------------------------------------------------------- deferred re-weighting and config
+
+def _cb_weights_by_hand(counts, beta):
+    raw = [(1 - beta) / (1 - beta ** n) for n in counts]
+    return [len(counts) * r / sum(raw) for r in raw]
+
+
+def test_drw_is_unweighted_before_its_epoch_and_class_balanced_from_it_on():
+    counts, beta = [100, 10], 0.9
+    loss_fn = loss_from_config(Stage1Config(loss="ce", drw_epoch=2, drw_beta=beta), counts)
+    assert isinstance(loss_fn, DeferredReweighting)
+    logits, target = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1])
+    l0, l1 = math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(1.0))  # -log sigmoid(1), -log sigmoid(-1)
+    w = _cb_weights_by_hand(counts, beta)
+    weighted = (w[0] * l0 + w[1] * l1) / (w[0] + w[1])
+    seen = {}
+    for epoch in (0, 1, 2, 5, 1):  # the last: a run resumed at an earlier epoch switches back
+        loss_fn.set_epoch(epoch)
+        seen[epoch] = loss_fn(logits, target).item()
+    assert seen[0] == seen[1] == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    assert seen[2] == seen[5] == pytest.approx(weighted, rel=1e-6)
+    assert loss_fn.weights.tolist() == pytest.approx(w, rel=1e-6)
+
+
+def test_drw_wraps_ldam_with_its_parameters():
+    cfg = Stage1Config(loss="ldam", ldam_max_margin=0.5, ldam_scale=2.0, drw_epoch=0, drw_beta=0.9)
+    loss_fn = loss_from_config(cfg, [16, 1])
+    loss_fn.set_epoch(0)
+    w = _cb_weights_by_hand([16, 1], 0.9)
+    l0, l1 = math.log(1 + math.exp(0.5)), math.log(1 + math.exp(1.0))  # test_ldam_hand_example
+    loss = loss_fn(torch.zeros(2, 2), torch.tensor([0, 1])).item()
+    assert loss == pytest.approx((w[0] * l0 + w[1] * l1) / (w[0] + w[1]), rel=1e-6)
+
+
+def test_loss_from_config_passes_each_stage_its_parameters():
+    stage1 = loss_from_config(Stage1Config(loss="logit_adjusted", logit_adjust_tau=2.0), [3, 1])
+    assert not isinstance(stage1, DeferredReweighting)
+    assert stage1(torch.zeros(1, 2), torch.tensor([0])).item() == pytest.approx(-math.log(0.9), rel=1e-6)
+    stage2 = loss_from_config(Stage2Config(loss="ce", label_smoothing=0.2), [5, 5])
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    expected = -(0.9 * math.log(1 / 4) + 0.1 * math.log(3 / 4))
+    assert stage2(logits, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
+    ldam = loss_from_config(Stage2Config(loss="ldam", ldam_max_margin=0.5, ldam_scale=2.0), [16, 1])
+    assert ldam(torch.zeros(1, 2), torch.tensor([1])).item() == pytest.approx(math.log(1 + math.exp(1.0)), rel=1e-6)
+    focal = loss_from_config(Stage2Config(loss="cb_focal", beta=0.9, focal_gamma=2.0), [4, 4])
+    assert focal.gamma == 2.0 and focal.class_weights.tolist() == pytest.approx([1.0, 1.0])

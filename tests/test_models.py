@@ -5,16 +5,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltsearch.config import ModelConfig
 from ltsearch.models import (
     CLASSIFIER_BN,
+    CLASSIFIERS,
     MODELS,
+    ClassScale,
+    CosineLinear,
     LTClassifier,
     NormalizedBatchNorm2d,
     SharedScale,
     ZeroPadShortcut,
     build_model,
+    model_from_config,
     nbn_parameters,
 )
+from ltsearch.regularizers import tau_normalize
 
 NUM_CLASSES = 10
 # Defaults are 32x32 inputs, batch 4; the big models get smaller inputs to keep the suite fast.
@@ -388,3 +394,79 @@ def test_ltclassifier_wraps_any_backbone():
     assert model.feature_dim == 6
     assert model.nbn_scale is None
     assert model(torch.randn(2, 3, 2, 2)).shape == (2, NUM_CLASSES)
+
+
+# ---------------------------------------------------------------- cosine classifier and LWS scales
+
+def test_cosine_classifier_hand_example():
+    # rows w_0 = [1, 0], w_1 = [0, 2]; feature f = [3, 4] (|f| = 5): cos = [3/5, 8/10]; scale 10 -> [6, 8]
+    layer = CosineLinear(2, 2, scale=10.0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    assert layer(torch.tensor([[3.0, 4.0]])).tolist() == [pytest.approx([6.0, 8.0])]
+    assert layer.bias is None and set(layer.state_dict()) == {"weight"}
+
+
+@pytest.mark.parametrize("scale", [1.0, 16.0])
+def test_cosine_classifier_logits_are_bounded_by_its_scale(scale):
+    model = build_model("resnet8", NUM_CLASSES, classifier="cosine", cosine_scale=scale)
+    assert isinstance(model.classifier, CosineLinear) and model.classifier.scale == scale
+    # rows start at unit length (LDAM-DRW's NormedLinear init: uniform(-1, 1), renormalised)
+    assert model.classifier.weight.norm(dim=1).tolist() == pytest.approx([1.0] * NUM_CLASSES, rel=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(3):  # bounded after training steps too, whatever the weights' norms become
+        logits = model(images("resnet8") * 50)
+        assert logits.abs().max().item() <= scale * (1 + 1e-5)
+        optimizer.zero_grad()
+        F.cross_entropy(logits, torch.arange(4)).backward()
+        optimizer.step()
+
+
+def test_cosine_classifier_is_unchanged_by_tau_normalisation_and_skips_kaiming_init():
+    model = build_model("resnet32_a", NUM_CLASSES, classifier="cosine", cosine_scale=5.0).eval()
+    # option-A ResNets kaiming-init a LINEAR classifier only (the reference's _weights_init skips NormedLinear)
+    assert model.classifier.weight.norm(dim=1).tolist() == pytest.approx([1.0] * NUM_CLASSES, rel=1e-5)
+    with torch.no_grad():
+        model.classifier.weight.mul_(torch.linspace(0.5, 3.0, NUM_CLASSES).unsqueeze(1))  # unequal norms
+        x = images("resnet32_a")
+        feats = model.features(x)
+        plain = model.logits_from_features(feats)
+        torch.testing.assert_close(plain, model(x))
+        tau = model.logits_from_features(feats, weight=tau_normalize(model.classifier.weight, 1.0))
+    torch.testing.assert_close(tau, plain)
+
+
+def test_model_from_config_builds_the_configured_classifier():
+    model = model_from_config(ModelConfig(name="resnet8", classifier="cosine", cosine_scale=30.0), NUM_CLASSES)
+    assert isinstance(model.classifier, CosineLinear) and model.classifier.scale == 30.0
+    assert isinstance(model_from_config(ModelConfig(name="resnet8"), NUM_CLASSES).classifier, nn.Linear)
+    assert set(CLASSIFIERS) == {"linear", "cosine"}
+    with pytest.raises(ValueError, match="'arc'"):
+        build_model("resnet8", NUM_CLASSES, classifier="arc")
+
+
+def test_class_scale_multiplies_each_class_logit():
+    model = build_model("resnet8", 3).eval()
+    scale = model.use_class_scale()
+    assert isinstance(model.logit_bn, ClassScale) and model.use_class_scale() is scale
+    feats = torch.randn(2, model.feature_dim)
+    with torch.no_grad():
+        scale.scale.copy_(torch.tensor([2.0, 0.5, -1.0]))
+        expected = model.classifier(feats) * torch.tensor([2.0, 0.5, -1.0])
+        torch.testing.assert_close(model.logits_from_features(feats), expected)
+    with pytest.raises(TypeError, match="BatchNorm on the logits"):
+        build_model("resnet8", 3, classifier_bn="affine").use_class_scale()
+
+
+def test_a_state_with_class_scales_loads_into_a_fresh_model_and_one_without_removes_them():
+    """A checkpoint of an LWS stage 2 has `logit_bn.scale`: a freshly built model (identity logit_bn) takes it,
+    and a state without it (stage 1's) gives the plain logits back."""
+    lws = build_model("resnet8", 3)
+    lws.use_class_scale()
+    with torch.no_grad():
+        lws.logit_bn.scale.fill_(3.0)
+    fresh = build_model("resnet8", 3)
+    fresh.load_state_dict(lws.state_dict())
+    assert isinstance(fresh.logit_bn, ClassScale) and fresh.logit_bn.scale.tolist() == [3.0, 3.0, 3.0]
+    fresh.load_state_dict(build_model("resnet8", 3).state_dict())
+    assert isinstance(fresh.logit_bn, nn.Identity)

@@ -1,13 +1,15 @@
 """Tests of ltsearch.optim: the shared SGD step, the epoch loop with MaxNorm, and stage 2's classifier setup."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from ltsearch.config import Stage2Config
-from ltsearch.losses import ClassBalancedFocal
-from ltsearch.models import build_model
+from ltsearch.losses import ClassBalancedFocal, LogitAdjusted
+from ltsearch.models import ClassScale, build_model
 from ltsearch.optim import StageSetup, classifier_head, classifier_setup, sgd_step, train_epoch
 from ltsearch.regularizers import MaxNorm, relative_max_norm, row_norms
 
@@ -101,3 +103,35 @@ def test_classifier_setup_trains_only_the_head_with_its_settings():
     torch.testing.assert_close(setup.logits(feats), model.logits_from_features(feats))
     cfg = cfg.model_copy(update={"maxnorm_thresh": None})
     assert classifier_setup(model, cfg, [40, 20, 10, 5], stage1, steps_per_epoch=3).max_norm is None
+
+
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_lws_learns_only_per_class_scales_of_the_frozen_classifier(classifier):
+    torch.manual_seed(0)
+    model = build_model("resnet8", 4, classifier=classifier, cosine_scale=10.0)
+    before = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    cfg = Stage2Config(mode="lws", lr=0.5, weight_decay=1e-3, loss="ce", maxnorm_thresh=0.1)
+    setup = classifier_setup(model, cfg, [40, 20, 10, 5], model.classifier.weight.detach(), steps_per_epoch=3)
+    assert isinstance(model.logit_bn, ClassScale) and setup.max_norm is None  # nothing for MaxNorm to cap
+    params = [p for group in setup.optimizer.param_groups for p in group["params"]]
+    assert [id(p) for p in params] == [id(model.logit_bn.scale)]
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, model.feature_dim, generator=g), torch.tensor([0, 1, 2, 3] * 2)) for _ in range(3)]
+    train_epoch(setup, batches, first_step=0)
+    for key, value in model.classifier.state_dict().items():
+        assert torch.equal(value, before[key]), key  # classifier weights (and bias) unchanged
+    scale = model.logit_bn.scale.detach()
+    assert not torch.equal(scale, torch.ones(4))
+    feats = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits_from_features(feats), model.classifier(feats) * scale)
+
+
+def test_classifier_setup_builds_the_configured_loss_with_its_parameters():
+    model = build_model("resnet8", 2)
+    cfg = Stage2Config(loss="logit_adjusted", logit_adjust_tau=2.0)
+    setup = classifier_setup(model, cfg, [3, 1], model.classifier.weight.detach(), steps_per_epoch=1)
+    assert isinstance(setup.loss_fn, LogitAdjusted)
+    # counts [3, 1], tau 2: logits [0, 0] become [2 log(3/4), 2 log(1/4)]: class 0 has probability 9/10
+    loss = setup.loss_fn(torch.zeros(1, 2), torch.tensor([0]))
+    assert loss.item() == pytest.approx(-math.log(0.9), rel=1e-6)

@@ -432,3 +432,35 @@ def test_step_schedule_parameters_need_the_step_schedule(tmp_path):
     text = BASE.replace("stage1: {epochs: 2,", "stage1: {epochs: 2, lr_schedule: step, lr_milestones: [1],") + \
         "space:\n  stage1.lr_gamma: {uniform: [0.01, 0.5]}\n"
     assert "stage1.lr_gamma" in load_search_space(write(tmp_path, text)).space
+
+
+@pytest.mark.parametrize("key, spec, needs", [
+    ("stage1.label_smoothing", "{uniform: [0.0, 0.2]}", "stage1.loss: ce"),
+    ("stage1.logit_adjust_tau", "{uniform: [0.5, 2.0]}", "stage1.loss: logit_adjusted"),
+    ("stage1.ldam_max_margin", "{uniform: [0.3, 0.7]}", "stage1.loss: ldam"),
+    ("stage1.ldam_scale", "{choice: [16, 30]}", "stage1.loss: ldam"),
+    ("stage2.label_smoothing", "{uniform: [0.0, 0.2]}", "stage2.loss: ce"),
+    ("stage2.logit_adjust_tau", "{uniform: [0.5, 2.0]}", "stage2.loss: logit_adjusted"),
+    ("stage2.ldam_scale", "{choice: [16, 30]}", "stage2.loss: ldam"),
+    ("stage1.drw_beta", "{choice: [0.999, 0.9999]}", "a stage1.drw_epoch"),
+    ("model.cosine_scale", "{uniform: [8, 32]}", "model.classifier: cosine"),
+])
+def test_method_parameters_need_their_method(tmp_path, key, spec, needs):
+    """Each new method key is refused when the method it parameterises is off whenever it is sampled, and
+    accepted under a `when:` that switches the method on."""
+    base = BASE.replace("stage1: {epochs: 2,", "stage1: {epochs: 2, loss: balanced_softmax,")  # no method's loss
+    expect_error(tmp_path, base + f"space:\n  {key}: {spec}\n", f"space.{key}", needs)
+    other, value = needs.removeprefix("a ").split(": ") if ": " in needs else (needs.removeprefix("a "), "1")
+    text = base + f"space:\n  {key}: {{{spec[1:-1]}, when: {{{other}: {value}}}}}\n"
+    assert key in load_search_space(write(tmp_path, text)).space
+
+
+def test_lws_leaves_maxnorm_and_cosine_leaves_tau_nothing_to_change(tmp_path):
+    lws = BASE.replace("stage2: {epochs: 1}", "stage2: {epochs: 1, mode: lws}")
+    expect_error(tmp_path, lws + "space:\n  stage2.maxnorm_thresh: {uniform: [0, 1]}\n", "space.stage2.maxnorm_thresh",
+                 "stage2.mode: retrain")
+    text = BASE + "space:\n  stage2.mode: {choice: [retrain, lws]}\n  stage2.maxnorm_thresh: {uniform: [0, 1]}\n"
+    assert "stage2.maxnorm_thresh" in load_search_space(write(tmp_path, text)).space
+    cosine = BASE.replace("model: {name: resnet8}", "model: {name: resnet8, classifier: cosine}")
+    expect_error(tmp_path, cosine + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {metric: tau_val_acc}\n",
+                 "space.posthoc.tau", "model.classifier: linear")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -355,3 +356,84 @@ def test_a_trial_stopped_at_any_epoch_keeps_a_test_figure_at_its_best_epoch(lazy
         assert row["best_epoch"] == best["epoch"] and row["best_test_acc"] == best["test_acc"]
         assert not pd.isna(row["best_test_acc"])
         assert pd.isna(row["final_test_acc"]) == (not frame["has_test"].iloc[stop - 1])
+
+
+# ---------------------------------------------------------------------------- long-tail methods
+
+
+def test_drw_switches_the_stage1_weights_at_its_epoch(cifar10_root, monkeypatch):
+    """drw_epoch 2 of 3: the loss is unweighted in epochs 1-2 (0-based 0-1) and class-balanced in epoch 3."""
+    from ltsearch.losses import DeferredReweighting
+
+    calls = []
+    forward = DeferredReweighting.forward
+
+    def recording(self, logits, target):
+        calls.append(self.active)
+        return forward(self, logits, target)
+
+    monkeypatch.setattr(DeferredReweighting, "forward", recording)
+    config = small_config(cifar10_root, **{"stage1.epochs": 3, "stage2.enabled": False, "stage1.drw_epoch": 2})
+    steps = math.ceil(sum(load_data(config).class_counts) / config.stage1.batch_size)
+    train(config)
+    assert calls == [False] * (2 * steps) + [True] * steps
+
+
+def test_resume_with_drw_resampling_and_lws_matches_uninterrupted_run(cifar10_root, tmp_path):
+    """Interrupted after stage-1 epoch 2 (DRW from epoch 1 on, class-balanced sampling) and again after stage-2
+    epoch 1 (LWS, square-root sampling): each resumed run repeats the uninterrupted history exactly."""
+    config = small_config(cifar10_root, **{
+        "stage1.epochs": 3, "stage1.drw_epoch": 1, "stage1.sampler": "class_balanced", "stage1.loss": "ldam",
+        "model.classifier": "cosine", "stage2.epochs": 2, "stage2.mode": "lws", "stage2.sampler": "sqrt",
+        "stage2.loss": "ce"})
+    full = train(config)
+
+    class Interrupt(Exception):
+        pass
+
+    for stop_at in (2, 4):
+        saved = []
+
+        def stop(metrics, ckpt, stop_at=stop_at, saved=saved):
+            if metrics["epoch"] == stop_at:
+                saved.append(shutil.copytree(ckpt, tmp_path / f"ckpt{stop_at}"))
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            train(config, report=stop)
+        resumed = train(config, resume_from=saved[0])
+        assert timeless(resumed["history"]) == timeless(full["history"])
+
+
+def test_lws_stage2_learns_only_the_class_scales(cifar10_root):
+    summary, states = train_with_states(one_epoch_each(
+        cifar10_root, **{"stage2.mode": "lws", "stage2.loss": "ce", "stage2.sampler": "class_balanced"}))
+    stage1_best, final = states[0]["best"][1]["model"], states[-1]["model"]
+    assert "logit_bn.scale" not in stage1_best and final["logit_bn.scale"].shape == (10,)
+    assert not torch.equal(final["logit_bn.scale"], torch.ones(10))
+    for key, value in stage1_best.items():  # the classifier and the backbone are the stage-1 ones
+        assert torch.equal(final[key], value), key
+    assert summary["stage2"]["final"]["classifier_norms"] == summary["stage1"]["best"]["classifier_norms"]
+
+
+def test_each_stage_draws_its_epochs_with_its_own_sampler(cifar10_root, monkeypatch):
+    from ltsearch import data
+
+    drawn = []
+    for name in ("class_balanced", "sqrt"):
+        sampler = data.SAMPLERS[name]
+        monkeypatch.setitem(data.SAMPLERS, name,
+                            lambda labels, generator, name=name, sampler=sampler: drawn.append(name) or
+                            sampler(labels, generator))
+    train(small_config(cifar10_root, **{"stage1.sampler": "sqrt", "stage2.sampler": "class_balanced"}))
+    assert drawn == ["sqrt", "sqrt", "class_balanced", "class_balanced"]  # 2 + 2 epochs
+
+
+def test_ldam_drw_with_a_cosine_classifier_trains(cifar10_root):
+    config = one_epoch_each(cifar10_root, **{
+        "model.classifier": "cosine", "stage1.loss": "ldam", "stage1.drw_epoch": 0, "stage1.epochs": 2,
+        "stage2.loss": "balanced_softmax"})
+    summary, states = train_with_states(config)
+    assert [h["train_loss"] > 0 for h in summary["history"]] == [True] * 3
+    assert "classifier.bias" not in states[-1]["model"]  # the cosine classifier has no bias
+    assert 0 <= summary["stage2"]["final"]["val_acc"] <= 100
