@@ -70,11 +70,11 @@ def test_killed_worker_resumes_from_its_checkpoint(cifar10_root, tmp_path, worke
     proc = subprocess.Popen(_cmd(space, tmp_path / "runs", "kill"), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     search = tmp_path / "runs" / "kill" / "search"
-    _wait(lambda: any(2 in _epochs(d) for d in search.glob("_trial_*")), proc)
+    _wait(lambda: any(2 in _epochs(d) for d in search.glob("trial_*")), proc)
     assert _kill_ray_processes(victim) >= 1
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    (trial,) = search.glob("_trial_*")
+    (trial,) = search.glob("trial_*")
     assert _epochs(trial) == [1, 2, 3, 4, 5]  # nothing lost, nothing repeated
     table = pd.read_csv(tmp_path / "runs" / "kill" / "results.csv")
     assert table.loc[0, "stop_reason"] == "completed"
@@ -91,16 +91,16 @@ def test_driver_killed_then_resumed(cifar10_root, tmp_path):
     exp = tmp_path / "runs" / "sigkill"
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    _wait(lambda: sum(_epochs(d)[-1:] == [3] for d in (exp / "search").glob("_trial_*")) >= 2, proc)
+    _wait(lambda: sum(_epochs(d)[-1:] == [3] for d in (exp / "search").glob("trial_*")) >= 2, proc)
     time.sleep(4)  # Tune saves its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _kill_session_of(proc.pid)
-    finished = {d.name: _epochs(d) for d in (exp / "search").glob("_trial_*") if _epochs(d)[-1:] == [3]}
+    finished = {d.name: _epochs(d) for d in (exp / "search").glob("trial_*") if _epochs(d)[-1:] == [3]}
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    folders = {d.name: _epochs(d) for d in (exp / "search").glob("_trial_*")}
+    folders = {d.name: _epochs(d) for d in (exp / "search").glob("trial_*")}
     # A trial launched in the last ~2 s before the kill (after Tune's last saved state) leaves an empty
     # folder; Optuna marks it failed and the search runs a replacement.
     trials = {name: epochs for name, epochs in folders.items() if epochs}
@@ -168,7 +168,7 @@ def test_lost_node_trials_retried_on_the_remaining_node(cifar10_root, tmp_path):
         proc = subprocess.Popen(_cmd(space, tmp_path / "runs", "node", "--address", address),
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         search = tmp_path / "runs" / "node" / "search"
-        _wait(lambda: sum(len(_epochs(d)) >= 2 for d in search.glob("_trial_*")) == 2, proc)
+        _wait(lambda: sum(len(_epochs(d)) >= 2 for d in search.glob("trial_*")) == 2, proc)
         raylet = next(p for p in psutil.process_iter(["cmdline"])
                       if "raylet" in " ".join(p.info["cmdline"] or [])
                       and f"--node_manager_port={node_manager_port}" in p.info["cmdline"])
@@ -178,4 +178,4 @@ def test_lost_node_trials_retried_on_the_remaining_node(cifar10_root, tmp_path):
         assert proc.returncode == 0, out[-3000:]
     table = pd.read_csv(tmp_path / "runs" / "node" / "results.csv")
     assert len(table) == 2 and (table["stop_reason"] == "completed").all()
-    assert all(_epochs(d)[-1] == 6 for d in search.glob("_trial_*"))
+    assert all(_epochs(d)[-1] == 6 for d in search.glob("trial_*"))
