@@ -15,7 +15,10 @@ base config of search_spaces/quickstart.yaml (its searched values at their defau
 Runs are interleaved (before, epoch, best, before, ...), `--reps` times. The search-epoch time is a run's
 mean `epoch_time_s` over its 6 epochs (metrics.json history: training plus evaluation, what an epoch of a
 trial costs; excludes process start and data loading, which a reused Tune trial process pays once);
-medians over repetitions, ratios as medians of the per-repetition ratios.
+medians over repetitions, ratios as medians of the per-repetition ratios. On a shared machine wall times
+swing with the other processes; the run's CPU seconds (user + system, from getrusage) hardly do, so their
+ratio is reported too (it includes each run's start-up, ~the same in every arm, so it understates the
+per-epoch ratio a little).
 
     LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py            # 3 reps, ~15 min idle
     LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py --reps 1 --stage1-epochs 1 \\
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -65,7 +69,8 @@ def export(rev: str, where: Path) -> Path:
 
 def quickstart_config(path: Path, args: argparse.Namespace) -> Path:
     base = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())["base"]
-    base["stage1"]["epochs"], base["stage2"]["epochs"] = args.stage1_epochs, args.stage2_epochs
+    base["stage1"]["epochs"], base["stage2"]["epochs"] = args.stage1_epochs, max(args.stage2_epochs, 1)
+    base["stage2"]["enabled"] = args.stage2_epochs > 0
     base["data"]["download"] = False
     base.setdefault("trainer", {})["num_threads"] = args.threads
     path.write_text(yaml.safe_dump(base, sort_keys=False))
@@ -74,18 +79,20 @@ def quickstart_config(path: Path, args: argparse.Namespace) -> Path:
 
 def run(arm: str, tree: Path, config: Path, out: Path) -> dict:
     sets = [] if arm == "before" else ["--set", f"trainer.test_every={arm}"]
-    started = time.perf_counter()
+    started, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config), *sets, "--out", str(out)],
                           cwd=tree, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"{arm} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     history = json.loads((out / "metrics.json").read_text())["history"]
     times = [h["epoch_time_s"] for h in history]
     by_stage = {s: [h["epoch_time_s"] for h in history if h["stage"] == s] for s in (1, 2)}
     return {"arm": arm, "epoch_s": statistics.mean(times), "stage1_s": statistics.mean(by_stage[1]),
-            "stage2_s": statistics.mean(by_stage[2]) if by_stage[2] else float("nan"), "wall_s": wall,
+            "stage2_s": statistics.mean(by_stage[2]) if by_stage[2] else float("nan"), "wall_s": wall, "cpu_s": cpu,
             "test_epochs": sum(h.get("has_test", True) for h in history), "epochs": len(history),
             "val_acc": [round(h["val_acc"], 1) for h in history],
             "test_acc": history[-1]["test_acc"]}
@@ -102,7 +109,7 @@ def main() -> None:
     parser.add_argument("--after", default="HEAD", help="revision with trainer.test_every (default HEAD)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--stage1-epochs", type=int, default=4)
-    parser.add_argument("--stage2-epochs", type=int, default=2)
+    parser.add_argument("--stage2-epochs", type=int, default=2, help="0: stage 2 off")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a quick-start trial: 1)")
     parser.add_argument("--json", help="also write every run to this file")
     args = parser.parse_args()
@@ -124,30 +131,31 @@ def main() -> None:
                 result = {**run(arm, tree, config, tmp / f"{arm}-{rep}"), "rep": rep, "load": load_average()}
                 runs.append(result)
                 print(f"  rep {rep} {arm:6s} epoch {result['epoch_s']:6.2f} s (stage 1 {result['stage1_s']:6.2f}, "
-                      f"stage 2 {result['stage2_s']:6.2f}), wall {result['wall_s']:6.1f} s, test evaluated at "
+                      f"stage 2 {result['stage2_s']:6.2f}), wall {result['wall_s']:6.1f} s, CPU {result['cpu_s']:6.1f} s, "
+                      f"test evaluated at "
                       f"{result['test_epochs']}/{result['epochs']} epochs, val {result['val_acc']}, final test "
                       f"{result['test_acc']:.2f}; load {result['load']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
 
     print("\n| arm | search epoch s, median (min..max) | stage-1 epoch s | stage-2 epoch s | run wall s "
-          "| test evaluated (epochs) | speed-up vs before | vs epoch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| run CPU s | test evaluated (epochs) | epoch speed-up vs before | vs epoch | run CPU vs before |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for arm in args.arms:
         mine = [r for r in runs if r["arm"] == arm]
         epochs = [r["epoch_s"] for r in mine]
 
-        def ratio(ref: str, arm=arm, mine=mine) -> str:
-            paired = [o["epoch_s"] / r["epoch_s"] for r in mine for o in runs
-                      if o["arm"] == ref and o["rep"] == r["rep"]]
+        def ratio(ref: str, key: str = "epoch_s", arm=arm, mine=mine) -> str:
+            paired = [o[key] / r[key] for r in mine for o in runs if o["arm"] == ref and o["rep"] == r["rep"]]
             return f"{statistics.median(paired):.2f}x" if paired and ref != arm else ""
 
         print(f"| {arm} | {statistics.median(epochs):.2f} ({min(epochs):.2f}..{max(epochs):.2f}) | "
               f"{statistics.median(r['stage1_s'] for r in mine):.2f} | "
               f"{statistics.median(r['stage2_s'] for r in mine):.2f} | "
               f"{statistics.median(r['wall_s'] for r in mine):.1f} | "
+              f"{statistics.median(r['cpu_s'] for r in mine):.1f} | "
               f"{'/'.join(sorted({str(r['test_epochs']) for r in mine}))} of {mine[0]['epochs']} | "
-              f"{ratio('before')} | {ratio('epoch')} |")
+              f"{ratio('before')} | {ratio('epoch')} | {ratio('before', 'cpu_s')} |")
     print(f"\nload average at the end: {load_average()}")
 
 
