@@ -12,6 +12,8 @@ Two families of CIFAR ResNets:
                                        trains them: the `ResNet_s` of kaidic/LDAM-DRW `models/resnet_cifar.py`
                                        (after Y. Idelbayev), with parameter-free "option A" shortcuts and
                                        kaiming-normal (fan_in) init of every conv and of the classifier
+and torchvision's ImageNet backbones for 224 px images (the normalized-BN paper's ImageNet-LT models):
+  resnet50, resnext50_32x4d            torchvision's constructors with weights=None, 2,048-d features
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLASSIFIERS", "CLASSIFIER_BN", "MODELS", "ClassScale", "CosineLinear", "LTClassifier", "NormalizedBatchNorm2d",
     "SharedScale", "ZeroPadShortcut", "build_model", "cifar_resnet", "cifar_resnet_a", "convert_last_stage_to_nbn",
-    "model_from_config", "nbn_parameters", "torchvision_resnet50",
+    "model_from_config", "nbn_parameters", "torchvision_resnet",
 ]
 
 # Added to the L2 norms in NBN, as in the paper's reference code. BN biases start at zero, and
@@ -232,9 +234,12 @@ def cifar_resnet_a(depth: int) -> nn.Sequential:
     return backbone
 
 
-def torchvision_resnet50() -> nn.Module:
-    """torchvision's ImageNet ResNet-50, randomly initialised (never downloads), ending at pooled features."""
-    backbone = torchvision.models.resnet50(weights=None)
+def torchvision_resnet(name: str) -> nn.Module:
+    """torchvision's ImageNet ResNet or ResNeXt `name` (e.g. `resnet50`, `resnext50_32x4d`) for 224 px images,
+    ending at pooled features. Randomly initialised with torchvision's init (`weights=None`: nothing is ever
+    downloaded). Its blocks are torchvision `Bottleneck`s, so NBN treats them like the CIFAR ResNets' blocks:
+    bn3 closes each residual branch, `downsample.1` is the shortcut's BN."""
+    backbone = torchvision.models.get_model(name, weights=None)
     backbone.feature_dim = backbone.fc.in_features
     backbone.fc = nn.Identity()
     return backbone
@@ -246,7 +251,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         for depth in (8, 20, 32, 56)
     },
     "resnet34_cifar": partial(cifar_resnet, [3, 4, 6, 3], (64, 128, 256, 512)),
-    "resnet50": torchvision_resnet50,
+    **{name: partial(torchvision_resnet, name) for name in ("resnet50", "resnext50_32x4d")},
     **{f"resnet{depth}_a": partial(cifar_resnet_a, depth) for depth in (20, 32, 44, 56)},
 }
 

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from ltsearch.config import ModelConfig
@@ -24,9 +25,10 @@ from ltsearch.regularizers import tau_normalize
 
 NUM_CLASSES = 10
 # Defaults are 32x32 inputs, batch 4; the big models get smaller inputs to keep the suite fast.
-INPUT_SIZE = {"resnet50": 64}
-BATCH_SIZE = {"resnet50": 2, "resnet34_cifar": 2}
-LAST_STAGE = {"resnet32": "layer3", "resnet32_a": "layer3", "resnet50": "layer4"}
+IMAGENET_MODELS = ("resnet50", "resnext50_32x4d")  # 224 px backbones, tested at 64 px
+INPUT_SIZE = dict.fromkeys(IMAGENET_MODELS, 64)
+BATCH_SIZE = {**dict.fromkeys(IMAGENET_MODELS, 2), "resnet34_cifar": 2}
+LAST_STAGE = {"resnet32": "layer3", "resnet32_a": "layer3", **dict.fromkeys(IMAGENET_MODELS, "layer4")}
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +76,34 @@ def test_resnet32_param_count():
     num_params = sum(p.numel() for p in model.parameters())
     # Option B: 470,004 (option A, derivation above) + 2,752 for the two projection shortcuts.
     assert num_params == 472_756
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_backbones_have_torchvisions_parameter_count(name):
+    """With 1,000 classes: the count torchvision publishes for its ImageNet weights (ResNet-50 25,557,032,
+    ResNeXt-50 32x4d 25,028,904); with 100 classes: torchvision's own constructor; NBN adds alpha only."""
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    published = torchvision.models.get_model_weights(name).IMAGENET1K_V1.meta["num_params"]
+    assert count(build_model(name, 1000)) == published
+    assert count(build_model(name, 100)) == count(torchvision.models.get_model(name, weights=None, num_classes=100))
+    assert count(build_model(name, 100, nbn=True, nbn_all_bn=True)) == count(build_model(name, 100)) + 1
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_backbone_nbn_trains_its_scale(name):
+    """The NBN layers sit in layer4 (3 Bottlenecks: each bn3 and the first block's shortcut BN); a training
+    step at 64 px gives logits of (batch, classes) and a gradient on the shared scale and on every layer."""
+    model = model_from_config(ModelConfig(name=name, nbn=True), NUM_CLASSES)  # the config admits the name
+    assert sorted(nbn_layers(model)) == ["features.layer4.0.bn3", "features.layer4.0.downsample.1",
+                                         "features.layer4.1.bn3", "features.layer4.2.bn3"]
+    assert model.feature_dim == 2048
+    logits = model(images(name))
+    assert logits.shape == (2, NUM_CLASSES)
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    assert model.nbn_scale.alpha.grad.isfinite() and model.nbn_scale.alpha.grad.abs().item() > 0
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in nbn_layers(model).values())
 
 
 # Parameters of the option-A ResNet-(6n+2) with C classes, counted by hand (convs have no bias; a BN has
@@ -192,6 +222,8 @@ def test_alpha_stored_once():
         ("resnet32", True, 11),  # 5 blocks x (bn1, bn2) + 1 downsample BN
         ("resnet50", False, 4),  # 3 blocks' bn3 + 1 downsample BN
         ("resnet50", True, 10),  # 3 blocks x (bn1, bn2, bn3) + 1 downsample BN
+        ("resnext50_32x4d", False, 4),  # the same Bottleneck layout, grouped 3x3 convs
+        ("resnext50_32x4d", True, 10),
         ("resnet32_a", False, 5),  # 5 blocks' bn2; the option-A shortcut has no BN
         ("resnet32_a", True, 10),  # 5 blocks x (bn1, bn2)
     ],
@@ -203,7 +235,7 @@ def test_nbn_layers_are_in_last_stage_and_share_alpha(name, all_bn, expected):
     assert all(n.startswith(f"features.{LAST_STAGE[name]}.") for n in layers)
     assert all(layer._scale is model.nbn_scale for layer in layers.values())
     if not all_bn:
-        closing = "bn3" if name == "resnet50" else "bn2"
+        closing = "bn3" if name in IMAGENET_MODELS else "bn2"
         assert all(n.endswith((closing, "downsample.1")) for n in layers)
 
 
