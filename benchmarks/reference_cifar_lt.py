@@ -224,10 +224,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-every", type=int, default=1,
                         help="test every N epochs; the last 10 epochs are always tested")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast the forward pass and loss (the reference trains in fp32)")
     parser.add_argument("--limit-test", type=int, default=None, help="test on the first N test images only")
     parser.add_argument("--limit-train-batches", type=int, default=None,
                         help="stop each epoch after N batches (smoke tests only)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON results file")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="JSON results file; OUT.checkpoint.pt beside it is rewritten after every epoch")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint.pt if it exists")
     args = parser.parse_args()
 
     start = time.time()
@@ -247,11 +251,13 @@ def main() -> None:
                              T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                         normalize]))
     test_set = ImageDataset(test_x, test_y, T.Compose([T.ToTensor(), normalize]))
+    shuffle_rng = torch.Generator().manual_seed(args.seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+        generator=shuffle_rng, persistent_workers=args.workers > 0)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=TEST_BATCH_SIZE, shuffle=False,
                                               num_workers=args.workers)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"train {len(train_set)} images, counts {counts}; test {len(test_set)}; device {device}", flush=True)
 
     model = ResNetCifar().to(device)
@@ -259,7 +265,18 @@ def main() -> None:
     criterion = nn.CrossEntropyLoss()
 
     history, best_acc, best_epoch, per_class = [], -1.0, None, None
-    for epoch in range(args.epochs):
+    checkpoint_path = args.out.with_suffix(".checkpoint.pt")
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffle_rng.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        history, best_acc, best_epoch, per_class = (state[k] for k in ("history", "best_acc", "best_epoch",
+                                                                         "per_class"))
+        print(f"resumed after epoch {len(history) - 1} from {checkpoint_path}", flush=True)
+    for epoch in range(len(history), args.epochs):
         lr = learning_rate(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -269,8 +286,9 @@ def main() -> None:
             if args.limit_train_batches is not None and step >= args.limit_train_batches:
                 break
             x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss = criterion(out, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                out = model(x)
+                loss = criterion(out, y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -284,6 +302,12 @@ def main() -> None:
             if row["test_acc"] > best_acc:
                 best_acc, best_epoch = row["test_acc"], epoch
         history.append(row)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "shuffle_rng": shuffle_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate(), "history": history, "best_acc": best_acc,
+                 "best_epoch": best_epoch, "per_class": per_class}
+        torch.save(state, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # an interrupted save keeps the old one
         print(f"epoch {epoch:3d} lr {lr:.5f} loss {row['train_loss']:.4f} train {row['train_acc']:.2f} "
               f"test {row.get('test_acc', float('nan')):.2f} ({row['train_seconds']:.1f} s)", flush=True)
 
@@ -311,7 +335,6 @@ def main() -> None:
                      "torchvision": torchvision.__version__, "numpy": np.__version__},
         "threads": torch.get_num_threads(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"final test {result['final_test_acc']:.2f} %, best over epochs (TEST-SELECTED) {best_acc:.2f} % "
           f"at epoch {best_epoch}; {result['wall_seconds']:.0f} s -> {args.out}", flush=True)

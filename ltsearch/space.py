@@ -128,6 +128,9 @@ class Staged(StrictModel):
     top_k: int = Field(2, ge=1)  # stage-1 checkpoints (best by validation) to build on
     num_samples: int = Field(30, ge=1)  # stage-2 trials
     views: int = Field(4, ge=1)  # augmented views of the training set cached per checkpoint
+    # A finished `python -m ltsearch train --out DIR` run to build stage 2 on, instead of searching stage 1:
+    # its best-by-validation checkpoint is the one parent (for a long stage 1 trained once, e.g. 200 epochs).
+    stage1_run: str | None = None
 
 
 class Confirm(StrictModel):
@@ -310,6 +313,8 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None,
     if search.mode == "staged" and (base.stage2.update_bn_stats or "stage2.update_bn_stats" in space):
         raise ConfigError(f"{source}: stage2.update_bn_stats: staged mode trains stage 2 on cached features of a "
                           "frozen backbone, so BN statistics cannot be updated; use search.mode: joint")
+    if search.staged.stage1_run is not None:
+        _check_stage1_run(source, search, space)
     if base.data.val_per_class == 0:
         for metric in search.metrics:
             if "val_" in metric:
@@ -349,6 +354,21 @@ _NEEDS: dict[str, tuple[str, Any, str]] = {
        for key, loss in (("label_smoothing", "ce"), ("logit_adjust_tau", "logit_adjusted"),
                          ("ldam_max_margin", "ldam"), ("ldam_scale", "ldam"))},
 }
+
+
+def _check_stage1_run(source: str, search: SearchSettings, space: dict[str, Distribution]) -> None:
+    """`search.staged.stage1_run` fixes stage 1: only a staged search's second-phase keys may be sampled. (The
+    run itself is read when the search starts: a shipped file may name a run that is made first.)"""
+    run = search.staged.stage1_run
+    if search.mode != "staged":
+        raise ConfigError(f"{source}: search.staged.stage1_run: needs search.mode: staged")
+    for key in space:
+        if not key.startswith(STAGE2_PREFIXES):
+            raise ConfigError(f"{source}: space.{key}: stage 1 is the finished run {run} "
+                              "(search.staged.stage1_run); only stage2.* and posthoc.* keys can be searched")
+    if search.confirm is not None:
+        raise ConfigError(f"{source}: search.confirm: re-trains stage 1, which search.staged.stage1_run fixes; "
+                          "drop one of them")
 
 
 def _possible(key: str, dist: Distribution, space: dict[str, Distribution], base: ExperimentConfig) -> list[Any]:

@@ -273,3 +273,26 @@ def test_staged_confirmation_retrains_the_parent_and_refits_stage2(local_ray, ci
     assert chosen == confirm.sort_values("confirm_rank")["confirmed_trial"].iloc[0]
     chosen_wd = stage2.set_index("trial_id").at[chosen, "stage2.weight_decay"]
     assert best["stage2"]["weight_decay"] == pytest.approx(chosen_wd)
+
+
+def test_staged_search_on_a_finished_stage1_run(local_ray, cifar10_root, tmp_path):
+    """`search.staged.stage1_run`: no stage-1 phase; stage 2 is searched on the given run's best checkpoint."""
+    from ltsearch.config import with_overrides
+    from ltsearch.search import run_search
+    from ltsearch.train import train
+
+    def spec(**search):
+        return load_search_space(write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=2, stage2_epochs=2,
+                                             space={"stage2.weight_decay": {"loguniform": [1e-3, 1.0]},
+                                                    "posthoc.tau": {"uniform": [0.0, 2.0]}},
+                                             search={"mode": "staged", "metric": "tau_val_acc",
+                                                     "staged": {"num_samples": 3, **search}}))
+
+    summary = train(with_overrides(spec().base, {"stage2.enabled": False}), out_dir=tmp_path / "run")
+    result = run_search(spec(stage1_run=str(tmp_path / "run")), storage=tmp_path / "runs", name="given")
+    table = pd.read_csv(result.path / "results.csv")
+    assert not (result.path / "stage1").exists()  # no stage-1 Tune phase ran
+    stage1, stage2 = table[table["phase"] == "stage1"], table[table["phase"] == "stage2"]
+    assert list(stage1["trial_id"]) == ["stage1_run"] and len(stage2) == 3
+    assert (stage2["stage1_trial"] == "stage1_run").all() and (stage2["stop_reason"] == "completed").all()
+    assert stage1["best_tau_val_acc"].iloc[0] == pytest.approx(summary["stage1"]["best"]["tau_val_acc"])

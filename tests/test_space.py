@@ -464,3 +464,37 @@ def test_lws_leaves_maxnorm_and_cosine_leaves_tau_nothing_to_change(tmp_path):
     cosine = BASE.replace("model: {name: resnet8}", "model: {name: resnet8, classifier: cosine}")
     expect_error(tmp_path, cosine + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {metric: tau_val_acc}\n",
                  "space.posthoc.tau", "model.classifier: linear")
+
+
+# ---------------------------------------------------------------- search.staged.stage1_run
+def _stage1_run(tmp_path: Path) -> Path:
+    """Where a `python -m ltsearch train --out` run would be: the run is read when the search starts, not here."""
+    return tmp_path / "run"
+
+
+def _given_stage1(run: Path, space: str, extra: str = "") -> str:
+    return BASE + f"space:\n{space}\nsearch:\n  mode: staged\n  staged: {{stage1_run: {run}}}\n{extra}"
+
+
+def test_stage1_run_with_stage2_keys_loads(tmp_path):
+    run = _stage1_run(tmp_path)
+    spec = load_search_space(write(tmp_path, _given_stage1(run, "  stage2.weight_decay: {uniform: [0, 1]}")))
+    assert spec.search.staged.stage1_run == str(run)
+
+
+def test_stage1_run_refuses_a_searched_stage1_key(tmp_path):
+    text = _given_stage1(_stage1_run(tmp_path), "  stage2.weight_decay: {uniform: [0, 1]}\n"
+                                                "  stage1.weight_decay: {loguniform: [1e-4, 1e-2]}")
+    expect_error(tmp_path, text, "space.stage1.weight_decay", "only stage2.* and posthoc.* keys")
+
+
+def test_stage1_run_needs_staged_mode(tmp_path):
+    text = BASE + f"space:\n  stage2.weight_decay: {{uniform: [0, 1]}}\nsearch:\n  staged: {{stage1_run: {tmp_path}}}\n"
+    expect_error(tmp_path, text, "search.staged.stage1_run", "needs search.mode: staged")
+
+
+def test_stage1_run_refuses_confirmation(tmp_path):
+    text = _given_stage1(_stage1_run(tmp_path), "  stage2.weight_decay: {uniform: [0, 1]}",
+                         "  confirm: {seeds: [1]}\n")
+    expect_error(tmp_path, text, "search.confirm", "stage1_run fixes")
+

@@ -18,13 +18,15 @@ import optuna
 import pandas as pd
 import ray
 
-from ..config import ExperimentConfig, with_overrides
+from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..space import SearchSpaceFile, flat_config, suggest
 from .resources import task_concurrency
 from .results import STAGE1_TRIAL, rank_trials, sampled_values, trial_row
 from .tune_phase import make_sampler, results_table, run_phase, study_storage
 
-__all__ = ["run_staged", "search_stage2"]
+__all__ = ["STAGE1_RUN", "finished_stage1_run", "run_staged", "search_stage2"]
+
+STAGE1_RUN = "stage1_run"  # trial id of the stage-1 run that `search.staged.stage1_run` names
 
 
 def _fit_stage2(cache: dict, config: dict) -> tuple[list[dict], dict]:
@@ -111,18 +113,54 @@ def stage2_tables(study: optuna.Study, spec: SearchSpaceFile, keys: list[str]) -
     return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
+def finished_stage1_run(spec: SearchSpaceFile) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stage-1 table and history of `search.staged.stage1_run`, a finished `python -m ltsearch train` run,
+    as one trial (`stage1_run`). Its data, model and stage-1 settings must be those of the space's `base`, so
+    that the file says what stage 2 builds on."""
+    import torch
+
+    from ..files import CHECKPOINT_FILE
+
+    checkpoint = Path(spec.search.staged.stage1_run) / "checkpoint"
+    if not (checkpoint / CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"search.staged.stage1_run: {checkpoint / CHECKPOINT_FILE} not found (expected the "
+                          "--out folder of a finished `python -m ltsearch train` run)")
+    state = torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    run_config = ExperimentConfig.model_validate(state["config"])
+    ours, theirs = flat_config(spec.base), flat_config(run_config)
+    compared = [k for k in ours if k.startswith(("data.", "model.", "stage1.")) and k not in ("data.root", "data.download")]
+    for key in compared:
+        if ours[key] != theirs[key]:
+            raise ConfigError(f"search.staged.stage1_run: {checkpoint} was trained with {key}={theirs[key]!r}, "
+                              f"but the space's base has {ours[key]!r}")
+    if state["stage"] != 1 or state["stage_epoch"] != run_config.stage1.epochs:
+        raise ConfigError(f"search.staged.stage1_run: {checkpoint} is not a finished stage 1 (stage "
+                          f"{state['stage']}, epoch {state['stage_epoch']} of {run_config.stage1.epochs}); "
+                          "finish it with `python -m ltsearch train ... --resume`")
+    frame = pd.DataFrame([{k: v for k, v in m.items() if not isinstance(v, (list, dict))}
+                          for m in state["history"] if m.get("stage", 1) == 1])
+    row = trial_row(STAGE1_RUN, {}, frame, None, spec.search, run_config.stage1.epochs, pruner=None)
+    row["checkpoint"] = str(checkpoint)
+    frame.insert(0, "trial_id", STAGE1_RUN)
+    return pd.DataFrame([row]), frame
+
+
 def run_staged(exp: Path, spec: SearchSpaceFile, cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Search stage 1; cache features of its top-k checkpoints, ranked by the first search metric at each
-    trial's best-by-validation epoch (the checkpoint stage 2 starts from); search stage 2 (and tau) on them.
-    The table has a `phase` column; stage-2 rows carry their stage-1 parent's values."""
+    """Search stage 1 (or take `search.staged.stage1_run`); cache features of its top-k checkpoints, ranked by
+    the first search metric at each trial's best-by-validation epoch (the checkpoint stage 2 starts from);
+    search stage 2 (and tau) on them. The table has a `phase` column; stage-2 rows carry their stage-1
+    parent's values."""
     from ..features import cache_features
 
     settings, staged = spec.search, spec.search.staged
     stage1_keys, stage2_keys = spec.sample_keys("stage1"), spec.sample_keys("stage2")
     base1 = with_overrides(spec.base, {"stage2.enabled": False})
-    grid1 = run_phase(exp, "stage1", spec, {k: spec.space[k] for k in stage1_keys}, base1,
-                      settings.num_samples if stage1_keys else 1, spec.max_epochs("stage1"), cluster, resume)
-    table1, history1 = results_table(grid1, settings, stage1_keys, base1)
+    if staged.stage1_run is None:
+        grid1 = run_phase(exp, "stage1", spec, {k: spec.space[k] for k in stage1_keys}, base1,
+                          settings.num_samples if stage1_keys else 1, spec.max_epochs("stage1"), cluster, resume)
+        table1, history1 = results_table(grid1, settings, stage1_keys, base1)
+    else:
+        table1, history1 = finished_stage1_run(spec)
     table1.insert(0, "phase", "stage1")
     history1.insert(0, "phase", "stage1")
     ranked = rank_trials(table1, settings, "best").head(staged.top_k)
