@@ -56,6 +56,10 @@ def main(argv=None) -> int:
                   f"{confirmed['seeds']} (validation), mean test_acc "
                   f"{confirmed.get('mean_test_acc', float('nan')):.2f} (reported)")
         print("  " + ", ".join(f"{k}={best[k]}" for k in spec.space if k in best))
+    from ltsearch.search.results import stage_summary
+
+    for line in stage_summary(trials, spec.search):
+        print(line)
     print(f"results: {result.path / 'results.csv'}; best config: {result.path / 'best_config.yaml'}")
     return 0
 

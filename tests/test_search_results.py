@@ -14,6 +14,7 @@ from ltsearch.search.results import (
     rank_trials,
     sampled_values,
     selection_rows,
+    stage_summary,
     trial_row,
 )
 from ltsearch.space import SearchSettings
@@ -159,3 +160,47 @@ def test_selection_rows_leave_confirmation_rows_out():
     staged = table().assign(phase=["stage1", "stage2", "stage2", "confirm"])
     assert selection_rows(staged)["trial_id"].tolist() == ["b", "c"]
     assert best_row(joint.assign(final_val_acc=[1.0, 2.0, 3.0, 99.0]), MAX)["trial_id"] == "b"
+
+
+def _staged_table() -> pd.DataFrame:
+    """Two stage-1 trials (s1_b best on validation) and two stage-2 trials on s1_b (t2_a best on validation)."""
+    def groups(when, overall, head, middle, tail, tau=0.0):
+        return {f"{when}_test_acc": overall, f"{when}_test_acc_head": head, f"{when}_test_acc_middle": middle,
+                f"{when}_test_acc_tail": tail, f"{when}_tau_test_acc": overall + tau,
+                f"{when}_tau_test_acc_head": head, f"{when}_tau_test_acc_middle": middle,
+                f"{when}_tau_test_acc_tail": tail + tau}
+    rows = [
+        {"phase": "stage1", "trial_id": "s1_a", "best_val_acc": 40.0, "best_tau_val_acc": 40.0,
+         **groups("best", 39.0, 80.0, 30.0, 1.0)},
+        {"phase": "stage1", "trial_id": "s1_b", "best_val_acc": 45.0, "best_tau_val_acc": 45.0,
+         **groups("best", 44.0, 90.0, 35.0, 2.5, tau=3.0)},
+        {"phase": "stage2", "trial_id": "t2_a", "stage1_trial": "s1_b", "final_val_acc": 55.0,
+         "final_tau_val_acc": 55.0, **groups("final", 54.0, 80.0, 45.0, 40.0, tau=1.0)},
+        {"phase": "stage2", "trial_id": "t2_b", "stage1_trial": "s1_b", "final_val_acc": 50.0,
+         "final_tau_val_acc": 56.0, **groups("final", 49.0, 70.0, 40.0, 38.0, tau=10.0)},
+    ]
+    table = pd.DataFrame(rows).assign(status="TERMINATED", epochs=2)
+    table["objective"] = table["final_val_acc"]
+    return table
+
+
+def test_stage_summary_compares_the_best_stage1_and_final_models_by_group():
+    first, final, change = stage_summary(_staged_table(), MAX)
+    assert first.startswith("best stage-1 model  s1_b") and "test 44.0 % (head 90.0, middle 35.0, tail 2.5)" in first
+    assert final.startswith("best final model    t2_a (stage 2 on s1_b") and "(head 80.0, middle 45.0, tail 40.0)" in final
+    assert "overall +10.0, head -10.0, middle +10.0, tail +37.5" in change
+
+
+def test_stage_summary_on_a_tau_metric_reports_the_tau_normalised_models():
+    table = _staged_table()
+    table["objective"] = table["final_tau_val_acc"]
+    first, final, change = stage_summary(table, SearchSettings(metric="tau_val_acc"))
+    assert "test 47.0 %" in first and "tail 5.5" in first  # s1_b's tau-normalised figures
+    assert final.startswith("best final model    t2_b") and "test 59.0 %" in final and "tail 48.0" in final
+    assert "overall +12.0" in change and "tail +42.5" in change
+
+
+def test_stage_summary_is_empty_without_a_staged_result():
+    assert stage_summary(table(), MAX) == []  # a joint search
+    only_stage1 = _staged_table().iloc[:2]
+    assert stage_summary(only_stage1, MAX) == []

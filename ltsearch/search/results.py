@@ -26,6 +26,7 @@ __all__ = [
     "rank_trials",
     "sampled_values",
     "selection_rows",
+    "stage_summary",
     "trial_row",
 ]
 
@@ -140,6 +141,45 @@ def add_validation_noise(table: pd.DataFrame, settings: SearchSettings, images: 
     final = selection_rows(table)
     final = final[final["status"] != "ERROR"]
     return table, resolution_note(final["objective"], final["val_images"], direction, classes)
+
+
+GROUPS = ("head", "middle", "tail")  # size terciles of the training classes
+
+
+def stage_summary(table: pd.DataFrame, settings: SearchSettings) -> list[str]:
+    """Three lines for the end of a staged search: the best stage-1 model, the best final model (both chosen
+    on validation) and their test accuracy overall and on the head, middle and tail thirds of the classes,
+    then the change. The tau-normalised figures when the search selects on a `tau_*` metric (the model as
+    deployed). Empty when there is no staged result to compare."""
+    if "phase" not in table or not (table["phase"] == "stage1").any():
+        return []
+    stage1 = rank_trials(table[table["phase"] == "stage1"], settings, "best")
+    final = best_row(table, settings)
+    if not len(stage1) or final is None or final.get("phase") != "stage2":
+        return []
+    metric = settings.metrics[0]
+    prefix = "tau_test_acc" if metric.startswith("tau_") else "test_acc"
+    first = stage1.iloc[0]
+    before = {g: first.get(f"best_{prefix}{s}") for g, s in [("all", ""), *((g, f"_{g}") for g in GROUPS)]}
+    after = {g: final.get(f"final_{prefix}{s}") for g, s in [("all", ""), *((g, f"_{g}") for g in GROUPS)]}
+
+    def pct(value) -> str:
+        return "n/a" if is_missing(value) else f"{float(value):.1f}"
+
+    def change(g: str) -> str:
+        return "n/a" if is_missing(before[g]) or is_missing(after[g]) else f"{float(after[g]) - float(before[g]):+.1f}"
+
+    def groups(values: dict) -> str:
+        return ", ".join(f"{g} {pct(values[g])}" for g in GROUPS)
+
+    first_line = (f"best stage-1 model  {first['trial_id']} (by {metric} at its best epoch): "
+                  f"test {pct(before['all'])} % ({groups(before)})")
+    final_line = (f"best final model    {final['trial_id']} (stage 2 on {final.get(STAGE1_TRIAL)}, by {metric}): "
+                  f"test {pct(after['all'])} % ({groups(after)})")
+    changes = ", ".join(f"{g} {change(g)}" for g in GROUPS)
+    change_line = (f"what stage 2 changed, test points: overall {change('all')}, {changes} "
+                   "(both chosen on validation; test only reported)")
+    return [first_line, final_line, change_line]
 
 
 def plain(value):
