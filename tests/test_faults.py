@@ -3,12 +3,17 @@ a killed worker, a killed driver, a lost node, a diverging configuration, a GPU 
 No in-process Ray here (see test_cluster.py for why one Ray instance at a time)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -27,11 +32,73 @@ def _cmd(space: Path, storage: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "run_search.py"), str(space), "--storage", str(storage), "--name", name, *extra]
 
 
-def _epochs(trial_dir: Path) -> list[int]:
+def _results(trial_dir: Path) -> list[dict]:
+    """The results Tune recorded for a trial, one per epoch, in the order they arrived."""
     path = trial_dir / "result.json"
     if not path.exists():
         return []
-    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _epochs(trial_dir: Path) -> list[int]:
+    return [r["epoch"] for r in _results(trial_dir)]
+
+
+def _failures(trial_dir: Path) -> int:
+    """Tune's failure count of a trial: one "Failure # n" entry per failure in its error.txt."""
+    path = trial_dir / "error.txt"
+    return path.read_text().count("Failure # ") if path.exists() else 0
+
+
+def _restart(rows: list[dict], key: str, killed: set[int]) -> int:
+    """Index of the first result produced by a process (`key`: Tune's `pid` or the trainer's `worker_pid`) that
+    is not one of the `killed` ones; the results before it must all come from killed processes and none after
+    it. Fails if the kill did not interrupt the trial."""
+    pids = [r[key] for r in rows]
+    restart = next((i for i, pid in enumerate(pids) if pid not in killed), None)
+    assert restart is not None, f"every result came from a killed process: {pids}"
+    assert restart > 0 and set(pids[:restart]) <= killed and not set(pids[restart:]) & killed, (pids, killed)
+    return restart
+
+
+def _descendants(pid: int, title: str = "") -> list[psutil.Process]:
+    """The processes under `pid` (a driver this test started, or a raylet of its own cluster) whose title
+    (Ray sets `ray::<Actor>.<method>` on its workers) starts with `title`: never another job's processes."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if (child.cmdline() or [""])[0].startswith(title):
+                found.append(child)
+    return found
+
+
+def _kill(processes: list[psutil.Process]) -> set[int]:
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(processes, timeout=10)
+    return {p.pid for p in processes}
+
+
+def _session_dir(processes: list[psutil.Process]) -> Path:
+    """The Ray session folder named on the command line of one of `processes` (the test's own Ray)."""
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            for part in p.cmdline():
+                found = re.match(r"--session[-_]dir=(\S+)", part)
+                if found:
+                    return Path(found.group(1))
+    raise AssertionError("no Ray session folder among the test's processes")
+
+
+def _train_retries(session: Path) -> int:
+    """Worker-group restarts Ray Train decided in a session (its controller logs "[FailurePolicy] RETRY")."""
+    return sum(log.read_text().count("[FailurePolicy] RETRY")
+               for log in (session / "logs" / "train").glob("ray-train-sys-controller-*.log"))
 
 
 def _wait(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -54,43 +121,79 @@ def _kill_session_of(driver_pid: int) -> None:
     psutil.wait_procs(victims, timeout=10)
 
 
-def _kill_ray_processes(title: str) -> int:
-    """SIGKILL the processes whose title (Ray sets `ray::<Actor>.<method>`) starts with `title`."""
-    victims = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(title)]
-    for p in victims:
-        p.kill()
-    return len(victims)
-
-
 @pytest.mark.parametrize(("workers", "victim"), [(1, "ray::ImplicitFunc"), (2, "ray::RayTrainWorker")])
 def test_killed_worker_resumes_from_its_checkpoint(cifar10_root, tmp_path, workers, victim):
+    """SIGKILL, after epoch 2, of the trial's worker processes: found under this test's own driver (its local
+    Ray's raylet forks them), so no other Ray job on the machine is touched. The later epochs come from new
+    processes and continue from the checkpoint (epochs 1..5 exactly once), the restart is counted by Tune
+    (one worker: the trial fails and is retried) or by Ray Train (DDP: the worker group is restarted inside
+    the trial), and `keep_checkpoints: 1` leaves one checkpoint."""
     space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=5, space={
         "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
-        search={"num_samples": 1, "resources": {"num_workers": workers, "cpus_per_worker": 1}})
+        search={"num_samples": 1, "keep_checkpoints": 1, "resources": {"num_workers": workers, "cpus_per_worker": 1}})
     proc = subprocess.Popen(_cmd(space, tmp_path / "runs", "kill"), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    search = tmp_path / "runs" / "kill" / "search"
-    _wait(lambda: any(2 in _epochs(d) for d in search.glob("trial_*")), proc)
-    assert _kill_ray_processes(victim) >= 1
+    exp = tmp_path / "runs" / "kill"
+    _wait(lambda: any(2 in _epochs(d) for d in (exp / "search").glob("trial_*")), proc)
+    session = _session_dir(_descendants(proc.pid))
+    killed = _kill(_descendants(proc.pid, victim))
+    assert len(killed) == workers
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    (trial,) = search.glob("trial_*")
-    assert _epochs(trial) == [1, 2, 3, 4, 5]  # nothing lost, nothing repeated
-    table = pd.read_csv(tmp_path / "runs" / "kill" / "results.csv")
+    (trial,) = (exp / "search").glob("trial_*")
+    rows = _results(trial)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # nothing lost, nothing repeated: not from epoch 1
+    assert _restart(rows, "pid" if workers == 1 else "worker_pid", killed) >= 2
+    if workers == 1:
+        assert _failures(trial) == 1
+        checkpoints = list(trial.glob("checkpoint_*"))
+    else:
+        assert _failures(trial) == 0 and _train_retries(session) == 1  # Ray Train's restart, inside the trial
+        checkpoints = [p for p in (exp / "train").glob("*/checkpoint_*") if p.is_dir()]
+    assert len(checkpoints) == 1, checkpoints
+    table = pd.read_csv(exp / "results.csv")
     assert table.loc[0, "stop_reason"] == "completed"
+
+
+def _dashboard(log: Path, proc: subprocess.Popen) -> str:
+    """host:port of the dashboard the driver writing `log` printed."""
+    found: list[str] = []
+    _wait(lambda: found.extend(re.findall(r"Ray dashboard: http://(\S+)", log.read_text())) or found, proc)
+    return found[0]
+
+
+def _authenticate(dashboard: str, token: str | None) -> int:
+    """HTTP status of the dashboard's token check, without a token or with `token`."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://{dashboard}/api/authenticate", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def test_driver_killed_then_resumed(cifar10_root, tmp_path):
     """SIGKILL of run_search.py after two finished trials; --resume keeps them, runs the rest once, and
-    the Optuna study ends with exactly the trials asked for. Then the results table is rebuilt from
-    Ray's files when it is lost."""
+    the Optuna study ends with exactly the trials asked for. Then results.csv and history.csv are rebuilt
+    from Ray's files when they are lost. Token authentication is on, with a token of the test's own: the
+    dashboard refuses requests without it, and no output and no file of the experiment contains it."""
+    secret = secrets.token_hex(32)
+    (tmp_path / "auth_token").write_text(secret)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "auth_token")}
     space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=3, space={
         "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
         search={"num_samples": 5, "max_concurrent": 1, "scheduler": {"enabled": False}})
     cmd = _cmd(space, tmp_path / "runs", "sigkill")
     exp = tmp_path / "runs" / "sigkill"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    dashboard = _dashboard(log, proc)
+    with urllib.request.urlopen(f"http://{dashboard}/api/authentication_mode", timeout=60) as response:
+        assert json.loads(response.read()) == {"authentication_mode": "token"}
+    assert [_authenticate(dashboard, t) for t in (None, "0" * 64, secret)] == [401, 403, 200]
     _wait(lambda: sum(_epochs(d)[-1:] == [3] for d in (exp / "search").glob("trial_*")) >= 2, proc)
     time.sleep(4)  # Tune saves its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -98,7 +201,8 @@ def test_driver_killed_then_resumed(cifar10_root, tmp_path):
     _kill_session_of(proc.pid)
     finished = {d.name: _epochs(d) for d in (exp / "search").glob("trial_*") if _epochs(d)[-1:] == [3]}
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, check=False, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     folders = {d.name: _epochs(d) for d in (exp / "search").glob("trial_*")}
     # A trial launched in the last ~2 s before the kill (after Tune's last saved state) leaves an empty
@@ -112,19 +216,22 @@ def test_driver_killed_then_resumed(cifar10_root, tmp_path):
     assert len(numbers) == len(set(numbers))
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 5
 
-    table = pd.read_csv(exp / "results.csv")
-    (exp / "results.csv").unlink()
-    (exp / "history.csv").unlink()
-    rebuilt = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)
+    tables = {name: pd.read_csv(exp / name) for name in ("results.csv", "history.csv")}
+    for name in tables:
+        (exp / name).unlink()
+    rebuilt = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, check=False, capture_output=True, text=True,
+                             timeout=300)
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-    again = pd.read_csv(exp / "results.csv")
-    pd.testing.assert_frame_equal(table.sort_values("trial_id").reset_index(drop=True),
-                                  again.sort_values("trial_id").reset_index(drop=True))
-    token = Path.home() / ".ray" / "auth_token"
-    if token.exists():
-        secret = token.read_text().strip()
-        assert secret not in resumed.stdout + resumed.stderr
-        assert all(secret not in p.read_text() for p in exp.glob("*.csv"))
+    for name, keys in (("results.csv", ["trial_id"]), ("history.csv", ["trial_id", "epoch"])):
+        pd.testing.assert_frame_equal(tables[name].sort_values(keys).reset_index(drop=True),
+                                      pd.read_csv(exp / name).sort_values(keys).reset_index(drop=True))
+
+    outputs = log.read_text() + resumed.stdout + resumed.stderr + rebuilt.stdout + rebuilt.stderr
+    assert secret not in outputs
+    files = [p for p in exp.rglob("*") if p.is_file()]
+    assert {"space.yaml", "summary.json", "best_config.yaml", "results.csv", "history.csv", "optuna.db",
+            "result.json", "params.json", "progress.csv"} <= {p.name for p in files}
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
 
 
 def test_diverging_trial_ends_with_a_reason_and_the_search_goes_on(cifar10_root, tmp_path):
@@ -141,9 +248,12 @@ def test_diverging_trial_ends_with_a_reason_and_the_search_goes_on(cifar10_root,
     assert (table.loc[table["stage1.lr"] < 1, "stop_reason"] == "completed").all()
     assert "Ray dashboard: http://127.0.0.1:" in run.stdout  # dashboard on loopback
     assert "`ray get-auth-token` prints it" in run.stdout and "auth_token" in run.stdout  # what its prompt wants
-    # No retries: each diverged trial ran one epoch once; Optuna records it as failed.
-    history = pd.read_csv(tmp_path / "runs" / "nan" / "history.csv")
-    assert (history[history["trial_id"].isin(diverged["trial_id"])].groupby("trial_id").size() == 1).all()
+    # No retries: Tune recorded one result (epoch 1) and no failure for each diverged trial (history.csv
+    # keeps one row per epoch, so a retry would not show there); Optuna records it as failed.
+    by_id = {rows[0]["trial_id"]: (rows, _failures(d)) for d in (tmp_path / "runs" / "nan" / "search").glob("trial_*")
+             if (rows := _results(d))}
+    assert sorted(by_id) == sorted(table["trial_id"])
+    assert all([r["epoch"] for r in by_id[i][0]] == [1] and by_id[i][1] == 0 for i in diverged["trial_id"])
     states = [t.state.name for t in optuna.load_study(
         study_name="search", storage=f"sqlite:///{tmp_path / 'runs' / 'nan' / 'optuna.db'}").trials]
     assert states.count("FAIL") == len(diverged) and states.count("COMPLETE") == 4 - len(diverged)
@@ -161,6 +271,10 @@ def test_gpu_request_on_a_cluster_without_gpus(cifar10_root, tmp_path):
 
 
 def test_lost_node_trials_retried_on_the_remaining_node(cifar10_root, tmp_path):
+    """Two trials, one per node (1 CPU each); the second node (its raylet and every process under it) is
+    killed after both trials reported two epochs. The trial that ran there shows it: its first epochs came
+    from a killed process, Tune counted the failure, and the retry on the head continued from its checkpoint
+    (epochs 1..6 exactly once, the new process's first epoch after the checkpointed one)."""
     with two_node_cluster(tmp_path) as (address, env, node_manager_port):
         space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=6, space={
             "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
@@ -172,10 +286,15 @@ def test_lost_node_trials_retried_on_the_remaining_node(cifar10_root, tmp_path):
         raylet = next(p for p in psutil.process_iter(["cmdline"])
                       if "raylet" in " ".join(p.info["cmdline"] or [])
                       and f"--node_manager_port={node_manager_port}" in p.info["cmdline"])
-        for p in [*raylet.children(recursive=True), raylet]:  # the node and every worker on it
-            p.kill()
+        killed = _kill([*_descendants(raylet.pid), raylet])  # the node and every worker on it
         out, _ = proc.communicate(timeout=500)
         assert proc.returncode == 0, out[-3000:]
     table = pd.read_csv(tmp_path / "runs" / "node" / "results.csv")
     assert len(table) == 2 and (table["stop_reason"] == "completed").all()
-    assert all(_epochs(d)[-1] == 6 for d in search.glob("trial_*"))
+    trials = {d: _results(d) for d in search.glob("trial_*")}
+    assert all([r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6] for rows in trials.values())
+    (moved,) = [d for d, rows in trials.items() if rows[0]["pid"] in killed]  # the trial on the lost node
+    assert _restart(trials[moved], "pid", killed) >= 2 and _failures(moved) == 1
+    (stayed,) = set(trials) - {moved}
+    assert len({r["pid"] for r in trials[stayed]}) == 1 and _failures(stayed) == 0
+

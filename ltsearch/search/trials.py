@@ -10,6 +10,9 @@ table can tell a trial stopped early from one that completed.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
 
 from ray import tune
 
@@ -45,7 +48,8 @@ def _train_and_report(config: ExperimentConfig, report, checkpoint, metrics: lis
 
 
 def _train_worker(loop_config: dict) -> None:
-    """Ray Train worker: one DDP rank of a trial."""
+    """Ray Train worker: one DDP rank of a trial. Its results carry `worker_pid` (Tune's own `pid` is the
+    trial process's, which outlives a worker group that Ray Train restarted after a failure)."""
     import ray.train
 
     config = ExperimentConfig.model_validate(loop_config["config"])
@@ -58,7 +62,7 @@ def _train_worker(loop_config: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, "worker_pid": os.getpid()}, checkpoint=checkpoint)
 
     _train_and_report(config, report, ray.train.get_checkpoint(), loop_config["metrics"])
 
@@ -98,7 +102,18 @@ def trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage
                              checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=settings.max_failures)),
     )
-    trainer.fit()
+    _drop_unregistered_checkpoints(trainer.fit())
+
+
+def _drop_unregistered_checkpoints(result) -> None:
+    """Delete the checkpoint folders of a finished Ray Train run that its checkpoint manager does not hold.
+    When a worker group fails, rank 0 may have uploaded checkpoints of epochs whose reports the controller
+    never took (Ray Train 2.60 leaves those folders; the run restarts from the last registered one and
+    trains those epochs again), so `keep_checkpoints` would not bound the folders kept."""
+    kept = {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints or []}
+    for folder in Path(result.path).glob("checkpoint_*"):
+        if folder.is_dir() and folder.name not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def grid_trial(config: dict, runs: dict, **parameters) -> None:
