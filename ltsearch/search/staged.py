@@ -5,8 +5,9 @@ A stage-2 trial is about a second of work on cached features. As a Tune trial it
 actor's start-up and Tune's bookkeeping, ~10 s (docs/benchmarks.md, benchmark 3); Ray tasks run in pooled
 worker processes, so the phase runs as tasks, as many at once as the cluster has CPUs for. Each finished
 trial's results (`history`, and `per_class` accuracies of its last epoch) are stored as user attributes of
-its Optuna trial (study `stage2` in optuna.db): a resumed search keeps them; trials an interruption left
-running are failed and redrawn. There is no early stopping in this phase.
+its Optuna trial (study `stage2` in optuna.db) before it is told: a resumed search keeps them; trials an
+interruption left running are failed and redrawn, or completed if their results were already stored. There
+is no early stopping in this phase.
 """
 from __future__ import annotations
 
@@ -61,7 +62,11 @@ def search_stage2(exp: Path, spec: SearchSpaceFile, keys: list[str], parents: di
         directions=["maximize" if d == "max" else "minimize" for d in settings.directions])
     finished = [t for t in study.get_trials(deepcopy=False) if "history" in t.user_attrs or "error" in t.user_attrs]
     for ot_trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-        study.tell(ot_trial.number, state=optuna.trial.TrialState.FAIL)
+        history = ot_trial.user_attrs.get("history")
+        if history is None:  # interrupted before it finished (or errored, and counted in `finished`)
+            study.tell(ot_trial.number, state=optuna.trial.TrialState.FAIL)
+        else:  # finished, but the driver stopped between storing its results and its tell
+            study.tell(ot_trial.number, [history[-1].get(m, math.nan) for m in settings.metrics])
     fit = ray.remote(_fit_stage2).options(num_cpus=settings.resources.cpus_per_worker)
     concurrent, num_samples = task_concurrency(settings, cluster), settings.staged.num_samples
     space = {k: spec.space[k] for k in keys}

@@ -3,8 +3,12 @@ Optuna study in `optuna.db` records each trial as it ended: COMPLETE, PRUNED (st
 per-epoch intermediate values) or FAIL (diverged or errored)."""
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -103,12 +107,47 @@ def _trainable(exp: Path, spec: SearchSpaceFile, base: ExperimentConfig, cluster
     return tune.with_resources(trainable, request), concurrent
 
 
+# Tune stages a run's state on the driver's node in `<Ray session>/artifacts/<start second>/<run name>/` and
+# copies that whole folder into the experiment, so two drivers on one cluster starting a phase of the same
+# name (`search`) in the same second would write into each other's experiments. Drivers on one machine
+# therefore take turns to start a phase: each holds this lock until Tune has taken its start second. (A
+# restored run keeps the start second it was first staged under, so restores need no turn.)
+_START_LOCK = Path(tempfile.gettempdir()) / f"ltsearch-tune-start-{os.getuid()}.lock"
+_held: list = []  # the open lock file while this driver holds it
+
+
+def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """`tuner.fit()` of a new run, started in a second no other ltsearch driver on this machine started in."""
+    lock = open(_START_LOCK, "a")  # noqa: SIM115 (closed by _release_start: from Tune's callback, or below)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _held.append(lock)
+    try:
+        return tuner.fit()
+    finally:
+        _release_start()
+
+
+def _release_start() -> None:
+    while _held:
+        lock = _held.pop()
+        time.sleep(1 - time.time() % 1)  # the next driver starts its phase in a later second
+        lock.close()
+
+
+class _ReleaseStart(tune.Callback):
+    """Releases `_START_LOCK` when Tune sets its callbacks up: after it made its storage context (which
+    fixes the staging folder's start second) and named its state files (also by the second)."""
+
+    def setup(self, **info) -> None:
+        _release_start()
+
+
 def _run_config(settings: SearchSettings, phase: str, exp: Path, reporter: tune.CLIReporter) -> tune.RunConfig:
     return tune.RunConfig(
         name=phase, storage_path=str(exp), verbose=1, progress_reporter=reporter,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-        callbacks=logger_callbacks(settings, exp, phase))
+        callbacks=[_ReleaseStart(), *logger_callbacks(settings, exp, phase)])
 
 
 def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
@@ -143,7 +182,7 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
                                     reuse_actors=settings.resources.num_workers == 1),
         run_config=_run_config(settings, phase, exp, _reporter(settings, list(space))),
     )
-    return tuner.fit()
+    return _fit(tuner)
 
 
 def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfig, runs: dict[str, dict],
@@ -162,7 +201,7 @@ def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfi
                                     reuse_actors=settings.resources.num_workers == 1),
         run_config=_run_config(settings, phase, exp, _reporter(settings, ["run"])),
     )
-    return tuner.fit()
+    return _fit(tuner)
 
 
 def _reporter(settings: SearchSettings, keys: list[str]) -> tune.CLIReporter:
