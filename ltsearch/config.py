@@ -7,6 +7,7 @@ Config flows one way: YAML file -> `load_config` (+ dotted overrides) -> `Experi
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -81,15 +83,113 @@ LossName = Annotated[str, AfterValidator(_known_loss)]
 SamplerName = Annotated[str, AfterValidator(_known_sampler)]
 
 
+CIFAR_DATASETS = ("cifar10", "cifar100")
+# Image datasets (ltsearch/images.py): list files (image_list and the presets, which only fill in the standard
+# list names), and image folders.
+LIST_DATASETS = ("image_list", "imagenet_lt", "places_lt", "inat2018")
+
+
 class DataConfig(StrictModel):
-    dataset: Literal["cifar10", "cifar100"] = "cifar100"
-    root: str | None = None  # else $LTSEARCH_DATA, else ~/.cache/ltsearch/data
-    download: bool = False
-    imbalance_factor: float = Field(100.0, ge=1)  # n_max / n_min
+    """What is trained on. CIFAR is read from its python pickles and subsampled to a long tail; `image_folder`
+    (train/<class>/ images, optional val/ and test/) is subsampled the same way; a list dataset is used as its
+    train list says. Which keys apply to which dataset: README, "Your own dataset"."""
+
+    dataset: Literal["cifar10", "cifar100", "image_list", "image_folder", "imagenet_lt", "places_lt",
+                     "inat2018"] = "cifar100"
+    # CIFAR: else $LTSEARCH_DATA, else ~/.cache/ltsearch/data. Image datasets (required): the folder the images
+    # (and relative list paths) are under, made absolute when the config is loaded (trials run elsewhere).
+    root: str | None = Field(None, validate_default=True)
+    download: bool = False  # CIFAR only
+    # n_max / n_min (CIFAR, image_folder). Default 100, but 1 for image_folder (the folder as it is) and for
+    # list datasets, which are used as listed (any other value is refused there).
+    imbalance_factor: float = Field(100.0, ge=1)
     profile: Literal["exp", "step"] = "exp"
     n_max: int | None = Field(None, gt=0)  # images of the largest class; default: the whole class pool
-    val_per_class: int = Field(20, ge=0)  # balanced validation images per class, disjoint from train
+    # Balanced validation images per class, disjoint from train; taken from the training images when the
+    # dataset has no validation list or val/ folder (inat2018, whose val list serves as its test set).
+    val_per_class: int = Field(20, ge=0)
     subset_seed: int | None = None  # None: first n_i images of each class in file order (standard CIFAR-LT)
+    # List datasets: files of "relative/path.jpg label" lines (paths relative to root; a relative list path
+    # is relative to root too). The presets fill in their standard names; test_list None: no test set.
+    train_list: str | None = Field(None, validate_default=True)
+    val_list: str | None = Field(None, validate_default=True)  # None: val_per_class per class from train
+    test_list: str | None = Field(None, validate_default=True)
+    # Image datasets: side in pixels of the images the model sees (default 224; CIFAR is always 32).
+    image_size: int | None = Field(None, ge=8, validate_default=True)
+    # Image datasets: memory decodes every image once into a uint8 tensor (short side resized to image_size,
+    # centre crop) trained with CIFAR's batch crop + flip; stream decodes in DataLoader workers every epoch with
+    # random-resized crop, flip and colour jitter. auto: memory up to 64 px, stream above.
+    pipeline: Literal["auto", "memory", "stream"] = "auto"
+    workers: int | None = Field(None, ge=0)  # decoding processes per rank; None: trainer.num_threads, else all CPUs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_data_as_it_is(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("dataset") not in (None, *CIFAR_DATASETS):
+            return {"imbalance_factor": 1.0, **raw}
+        return raw
+
+    @field_validator("root")
+    @classmethod
+    def _image_root(cls, root: str | None, info: ValidationInfo) -> str | None:
+        dataset = info.data.get("dataset")
+        if dataset is None or dataset in CIFAR_DATASETS:
+            return root
+        if root is None:
+            raise ValueError(f"dataset {dataset} needs root, the folder its images are under")
+        return os.path.abspath(os.path.expanduser(root))
+
+    @field_validator("download")
+    @classmethod
+    def _cifar_download(cls, download: bool, info: ValidationInfo) -> bool:
+        dataset = info.data.get("dataset")
+        if download and dataset not in (None, *CIFAR_DATASETS):
+            raise ValueError(f"only CIFAR can be downloaded; place the images of {dataset} under data.root")
+        return download
+
+    @field_validator("imbalance_factor", "n_max")
+    @classmethod
+    def _lists_used_as_listed(cls, value, info: ValidationInfo):
+        dataset = info.data.get("dataset")
+        if dataset in LIST_DATASETS and value not in (None, 1.0):
+            raise ValueError(f"a list dataset ({dataset}) is used as its train list says; make the long tail in "
+                             "the list, or use image_folder")
+        return value
+
+    @field_validator("train_list", "val_list", "test_list")
+    @classmethod
+    def _lists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        dataset = info.data.get("dataset")
+        if dataset is None:
+            return value
+        if dataset not in LIST_DATASETS:
+            if value is not None:
+                raise ValueError(f"list files are for {', '.join(LIST_DATASETS)}; dataset is {dataset}")
+            return value
+        from .images import IMAGE_DATASETS
+
+        value = value if value is not None else getattr(IMAGE_DATASETS[dataset], info.field_name)
+        if value is None and info.field_name == "train_list":
+            raise ValueError(f"dataset {dataset} needs train_list, a file of 'relative/path.jpg label' lines")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, size: int | None, info: ValidationInfo) -> int | None:
+        dataset = info.data.get("dataset")
+        if dataset in CIFAR_DATASETS:
+            if size is not None:
+                raise ValueError(f"{dataset} images are 32 px; image_size is for image datasets")
+            return size
+        return 224 if size is None else size
+
+    @field_validator("pipeline")
+    @classmethod
+    def _cifar_in_memory(cls, pipeline: str, info: ValidationInfo) -> str:
+        dataset = info.data.get("dataset")
+        if dataset in CIFAR_DATASETS and pipeline == "stream":
+            raise ValueError(f"{dataset} is read from its pickles into memory; stream is for image datasets")
+        return pipeline
 
 
 class ModelConfig(StrictModel):

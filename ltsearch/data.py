@@ -1,9 +1,12 @@
-"""Long-tailed CIFAR data: readers, long-tail subsampling, batch augmentation and a tensor loader.
+"""Long-tailed data: CIFAR readers, long-tail subsampling, batch augmentation, a tensor loader, and the one
+entry point (`load_data`, `split_loader`) for every dataset a config can name.
 
-Everything stays in tensors, airbench-style: a split's images are ONE uint8 tensor (N, 3, H, W), kept on
+CIFAR stays in tensors, airbench-style: a split's images are ONE uint8 tensor (N, 3, H, W), kept on
 the training device; augmentation works on whole batches with tensor ops; each epoch's order is a
 permutation seeded from (seed, epoch) alone, so a resumed run sees exactly the batches it would have seen.
-There is no PIL, no DataLoader and no worker process.
+There is no PIL, no DataLoader and no worker process. Datasets of image files (list files, image folders)
+are read by `ltsearch.images`: small images into the same uint8 tensors, large ones streamed from their
+files by DataLoader workers, with the same (seed, epoch) order and rank sharding (`EpochBatches`).
 
 The CIFAR pickles are read directly instead of through torchvision's dataset classes, because those verify
 checksums and reject re-encoded copies such as the shared offline CIFAR-10 (see shared/data/README.md).
@@ -25,6 +28,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig
+    from .images import ImageFiles, StreamLoader
 
 __all__ = [
     "DATASETS",
@@ -33,6 +37,7 @@ __all__ = [
     "STD",
     "DataError",
     "DatasetSpec",
+    "EpochBatches",
     "LongTailData",
     "RawSplits",
     "TensorLoader",
@@ -43,9 +48,11 @@ __all__ = [
     "load_split",
     "lt_class_counts",
     "normalization",
+    "normalize",
     "random_crop_flip",
     "resolve_root",
     "shot_groups",
+    "split_loader",
     "split_longtail",
     "tercile_groups",
 ]
@@ -93,8 +100,13 @@ STD: dict[str, tuple[float, float, float]] = {
 
 
 def normalization(dataset: str) -> dict[str, tuple[float, float, float]]:
-    """`{"mean": ..., "std": ...}` of a dataset, as `TensorLoader` takes them."""
-    return {"mean": MEAN[dataset], "std": STD[dataset]}
+    """`{"mean": ..., "std": ...}` of a dataset (CIFAR, or an image dataset of `ltsearch.images`), as the
+    loaders take them."""
+    if dataset in MEAN:
+        return {"mean": MEAN[dataset], "std": STD[dataset]}
+    from .images import IMAGE_DATASETS
+
+    return {"mean": IMAGE_DATASETS[dataset].mean, "std": IMAGE_DATASETS[dataset].std}
 
 
 class RawSplits(NamedTuple):
@@ -271,13 +283,16 @@ def split_longtail(labels: Tensor, counts: list[int], val_per_class: int = 20,
 
 @dataclass(frozen=True)
 class LongTailData:
-    """A long-tailed train set, a balanced validation set and the full test set (uint8 images)."""
+    """A long-tailed train set, a validation set (balanced unless a list says otherwise) and the test set.
 
-    train_x: Tensor
+    Images are uint8 tensors (N, 3, H, W) held in memory, or `ImageFiles` read as they are needed (streamed);
+    labels are always int64 tensors."""
+
+    train_x: Tensor | ImageFiles
     train_y: Tensor
-    val_x: Tensor
+    val_x: Tensor | ImageFiles
     val_y: Tensor
-    test_x: Tensor
+    test_x: Tensor | ImageFiles
     test_y: Tensor
     class_counts: list[int]  # actual per-class train counts, after validation took its share
     class_names: list[str]
@@ -306,8 +321,13 @@ def load_longtail(dataset: str, root: str | Path | None = None, download: bool =
 
 
 def load_data(config: ExperimentConfig) -> LongTailData:
-    """The long-tailed data an experiment config describes (its `data` section)."""
+    """The long-tailed data an experiment config describes (its `data` section): CIFAR from its pickles,
+    image datasets through `ltsearch.images.load_images` (file paths checked, small images decoded)."""
     d = config.data
+    if d.dataset not in DATASETS:
+        from .images import load_images
+
+        return load_images(config)
     return load_longtail(d.dataset, root=d.root, download=d.download, imbalance_factor=d.imbalance_factor,
                          profile=d.profile, val_per_class=d.val_per_class, subset_seed=d.subset_seed,
                          n_max=d.n_max)
@@ -364,44 +384,36 @@ def epoch_indices(labels: Tensor, sampler: str, seed: int, epoch: int) -> Tensor
     return SAMPLERS[sampler](labels.cpu(), torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-class TensorLoader:
-    """Batches ``(normalised float images, labels)`` from uint8 tensors kept on ``device``.
+class EpochBatches:
+    """Which images one rank takes, batch by batch, in each epoch: the order both loaders share.
 
     Training order is ``epoch_indices(labels, sampler, seed, epoch)`` (instance sampling: ``randperm(N)``
     seeded with ``seed * 100003 + epoch``; class-balanced and square-root sampling: N draws with replacement
-    from the same seed) and augmentation is seeded from (seed, epoch, rank), so an epoch is reproducible from
-    those alone (exact resume after ``set_epoch``). For DDP each rank takes ``indices[rank::world_size]``; in
-    training the order is first padded by repeating its start to a multiple of ``world_size`` (like
-    DistributedSampler) so all ranks do the same number of steps. Evaluation shards without padding, so no
-    image counts twice in summed metrics; ranks then differ by at most one batch.
+    from the same seed), so an epoch is reproducible from those alone (exact resume after ``set_epoch``). For
+    DDP each rank takes ``indices[rank::world_size]``; in training the order is first padded by repeating its
+    start to a multiple of ``world_size`` (like DistributedSampler) so all ranks do the same number of steps.
+    Evaluation shards without padding, so no image counts twice in summed metrics; ranks then differ by at
+    most one batch.
     """
 
-    def __init__(self, images_uint8: Tensor, labels: Tensor, batch_size: int, mean, std, train: bool,
-                 seed: int = 0, device: str | torch.device = "cpu", channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False, sampler: str = "instance"):
+    def __init__(self, labels: Tensor, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False, sampler: str = "instance"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        if len(images_uint8) != len(labels):
-            raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-        self.device = torch.device(device)
-        self.images = images_uint8.to(self.device)
-        self.labels = labels.to(self.device)
         self.cpu_labels = labels.cpu()  # the epoch's draw is made on the CPU, identically on every rank
         self.sampler = sampler
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.channels_last, self.drop_last = channels_last, drop_last
+        self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _num_local(self) -> int:
-        n = len(self.labels)
+        n = len(self.cpu_labels)
         if self.train:
             return math.ceil(n / self.world_size)
         return len(range(self.rank, n, self.world_size))
@@ -410,14 +422,41 @@ class TensorLoader:
         n, bs = self._num_local(), self.batch_size
         return n // bs if self.drop_last else math.ceil(n / bs)
 
+    def _padded_total(self) -> int:
+        """Length of a training epoch's order once padded to a multiple of `world_size`."""
+        return math.ceil(len(self.cpu_labels) / self.world_size) * self.world_size
+
     def _indices(self) -> Tensor:
-        n = len(self.labels)
+        """This rank's indices of the current epoch, in order (CPU int64)."""
+        n = len(self.cpu_labels)
         if not self.train:
             return torch.arange(n)[self.rank::self.world_size]
         perm = epoch_indices(self.cpu_labels, self.sampler, self.seed, self.epoch)
-        total = math.ceil(n / self.world_size) * self.world_size
+        total = self._padded_total()
         perm = perm.repeat(math.ceil(total / n))[:total]  # pad with the order's beginning
         return perm[self.rank::self.world_size]
+
+
+class TensorLoader(EpochBatches):
+    """Batches ``(normalised float images, labels)`` from uint8 tensors kept on ``device``.
+
+    The order is `EpochBatches`'; augmentation (``random_crop_flip`` with ``padding``) is seeded from
+    (seed, epoch, rank), so an epoch is reproducible from those alone.
+    """
+
+    def __init__(self, images_uint8: Tensor, labels: Tensor, batch_size: int, mean, std, train: bool,
+                 seed: int = 0, device: str | torch.device = "cpu", channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, sampler: str = "instance",
+                 padding: int = 4):
+        if len(images_uint8) != len(labels):
+            raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels")
+        super().__init__(labels, batch_size, train, seed, rank, world_size, drop_last, sampler)
+        self.device = torch.device(device)
+        self.images = images_uint8.to(self.device)
+        self.labels = labels.to(self.device)
+        self.channels_last, self.padding = channels_last, padding
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         indices = self._indices().to(self.device)
@@ -428,8 +467,29 @@ class TensorLoader:
             idx = indices[k * self.batch_size:(k + 1) * self.batch_size]
             x = self.images[idx]
             if aug is not None:
-                x = random_crop_flip(x, aug)
-            x = x.float().div_(255).sub_(self.mean).div_(self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+                x = random_crop_flip(x, aug, self.padding)
+            yield normalize(x, self.mean, self.std, self.channels_last), self.labels[idx]
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool) -> Tensor:
+    """uint8 images to float ``(x / 255 - mean) / std`` (mean, std: (1, C, 1, 1) on x's device)."""
+    x = x.float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def split_loader(config: ExperimentConfig, data: LongTailData, split: str, batch_size: int, *, train: bool,
+                 sampler: str = "instance", device: str | torch.device = "cpu", rank: int = 0,
+                 world_size: int = 1) -> TensorLoader | StreamLoader:
+    """The loader of `split` ("train", "val" or "test") of `data`: a `TensorLoader` over images held in
+    memory (CIFAR; image datasets on the memory pipeline, whose crop padding is image_size / 8, 4 px at 32 px),
+    else an `ltsearch.images.StreamLoader` decoding the files. Seed and memory format come from `config`."""
+    x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+    common = {**normalization(config.data.dataset), "train": train, "seed": config.trainer.seed,
+              "device": device, "channels_last": config.trainer.channels_last, "rank": rank,
+              "world_size": world_size, "sampler": sampler}
+    if isinstance(x, Tensor):
+        padding = 4 if config.data.image_size is None else config.data.image_size // 8
+        return TensorLoader(x, y, batch_size, padding=padding, **common)
+    from .images import stream_loader
+
+    return stream_loader(config, x, y, batch_size, **common)

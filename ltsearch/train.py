@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import tempfile
 import time
@@ -46,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ExperimentConfig
-from .data import LongTailData, TensorLoader, load_data, normalization
+from .data import LongTailData, load_data, split_loader
 from .files import CHECKPOINT_FILE, atomic_save
 from .losses import loss_from_config
 from .metrics import class_groups, classifier_metrics
@@ -115,14 +116,11 @@ class _Run:
         torch.manual_seed(t.seed)
         self.model: LTClassifier = model_from_config(config.model, data.num_classes).to(
             device, memory_format=self.memory_format)
-        norm = {**normalization(config.data.dataset), "device": device, "channels_last": t.channels_last,
-                "rank": self.rank, "world_size": self.world}
-        self.eval_loaders = {
-            split: TensorLoader(x, y, t.eval_batch_size, train=False, **norm)
-            for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y))
-            if len(y) > 0}
-        self.train_loader = lambda batch_size, sampler: TensorLoader(
-            data.train_x, data.train_y, batch_size, train=True, seed=t.seed, sampler=sampler, **norm)
+        loader = functools.partial(split_loader, config, data, device=device, rank=self.rank,
+                                   world_size=self.world)
+        self.eval_loaders = {split: loader(split, t.eval_batch_size, train=False)
+                             for split in ("val", "test") if len(getattr(data, f"{split}_y")) > 0}
+        self.train_loader = lambda batch_size, sampler: loader("train", batch_size, train=True, sampler=sampler)
         self.history: list[dict] = []
         self.best: dict[int, dict] = {}  # stage -> {"metrics": ..., "model": state_dict}
         self.last: dict[int, dict] = {}  # stage -> metrics of its latest epoch
