@@ -33,8 +33,9 @@ def _train(args: argparse.Namespace) -> int:
     for stage in ("stage1", "stage2"):
         if stage in summary:
             best = summary[stage]["best"]
-            print(f"{stage}: best epoch {summary[stage]['best_epoch']} by val: val_acc {best.get('val_acc', float('nan')):.2f}"
-                  f"  test_acc {best['test_acc']:.2f}  (tau-norm test_acc {best['tau_test_acc']:.2f})")
+            nan = float("nan")  # a dataset without a val or test split (an image folder without test/)
+            print(f"{stage}: best epoch {summary[stage]['best_epoch']} by val: val_acc {best.get('val_acc', nan):.2f}"
+                  f"  test_acc {best.get('test_acc', nan):.2f}  (tau-norm test_acc {best.get('tau_test_acc', nan):.2f})")
     print(f"wrote {out / 'metrics.json'} and {out / 'config.yaml'}")
     return 0
 
