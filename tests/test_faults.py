@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickletools
 import random
 import re
 import secrets
@@ -413,3 +414,83 @@ def test_burst_of_stage2_trials_with_the_driver_killed_three_times(cifar10_root,
     assert complete == sorted(stage2["trial_id"])
     interrupted = [t for t in trials if t.state.name != "COMPLETE"]  # failed by a resume, then redrawn
     assert all(t.state.name == "FAIL" and "history" not in t.user_attrs for t in interrupted)
+
+
+@contextlib.contextmanager
+def _small_filesystem(folder: Path, size: str):
+    """A tmpfs of `size` mounted at `folder` for the test (skipped where mounting is not permitted)."""
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=False,
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {(mount.stderr or mount.stdout).strip() or mount.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Take every free byte of `folder`'s filesystem with one file; return it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
+    return filler
+
+
+def _tune_state_intact(phase: Path) -> bool:
+    """Whether the newest of each of Tune's state files in `phase` is whole (the experiment state is JSON,
+    the search generator's and the searcher's states are pickles)."""
+    try:
+        for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+            data = max(phase.glob(pattern)).read_bytes()
+            json.loads(data) if pattern.startswith("experiment_") else list(pickletools.genops(data))
+    except ValueError:
+        return False
+    return True
+
+
+def test_full_disk_stops_the_search_with_one_line_and_resume_continues(cifar10_root, tmp_path):
+    """Storage on a 64 MB filesystem of the test's own, filled up after the first of three trials finished:
+    the next trial cannot upload its checkpoint (retried once, then ERROR), the search stops with one line
+    naming the experiment folder, and what was written before is intact. Then the space is freed and the
+    search resumed: it finishes all three trials, each epoch once; unless the disk filled while Tune was
+    copying its own state files into the experiment (Tune writes them without a temporary file), in which
+    case --resume refuses with one line naming the cut-off file and changes nothing (Tune itself would
+    start the phase over and the tables would lose the finished trials)."""
+    with _small_filesystem(tmp_path / "disk", "64m") as disk:
+        space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=2, space={
+            "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
+            search={"num_samples": 3, "max_concurrent": 1, "scheduler": {"enabled": False}, "max_failures": 1})
+        cmd = _cmd(space, disk / "runs", "full")
+        exp = disk / "runs" / "full"
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: any(_epochs(d)[-1:] == [2] for d in (exp / "search").glob("trial_*")), proc)
+        (first,) = [d for d in (exp / "search").glob("trial_*") if _epochs(d)[-1:] == [2]]
+        written = {p: p.read_bytes() for p in [exp / "space.yaml", first / "result.json", *first.rglob("state.pt")]}
+        filler = _fill(disk)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2, out[-2000:] + err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"error: --storage: {exp}: no space left on device; the search stopped and what it wrote is kept: "
+            "free space, then continue with --resume --name full")
+        assert {p: p.read_bytes() for p in written} == written
+        study = optuna.load_study(study_name="search", storage=f"sqlite:///{exp / 'optuna.db'}")
+        assert study.trials[0].state.name == "COMPLETE"
+
+        filler.unlink()
+        intact, files = _tune_state_intact(exp / "search"), sorted(exp.rglob("*"))
+        resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True,
+                                 timeout=600)
+        if intact:
+            assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+            table = pd.read_csv(exp / "results.csv")
+            assert len(table) == 3 and (table["stop_reason"] == "completed").all()
+            assert all(_epochs(d) == [1, 2] for d in (exp / "search").glob("trial_*"))  # nothing repeated
+        else:
+            last = resumed.stderr.strip().splitlines()[-1]
+            assert resumed.returncode == 2 and last.startswith(f"error: --resume: {exp / 'search'}/"), last
+            assert "Tune's saved state is cut off" in last and sorted(exp.rglob("*")) == files

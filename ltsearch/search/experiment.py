@@ -19,6 +19,7 @@ Layout of `storage/name/`:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -37,7 +38,7 @@ import ray
 import yaml
 
 from ..config import ConfigError, ExperimentConfig, with_overrides
-from ..data import load_data
+from ..data import LongTailData, load_data
 from ..files import atomic_write_text
 from ..metrics import class_groups, is_missing
 from ..selection import CONFIDENCE, confirmation_summary, metric_group
@@ -151,7 +152,32 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
     if info["dashboard_url"]:
         print(dashboard_hint(info["dashboard_url"]), flush=True)
     print(f"Experiment: {exp}", flush=True)
-    cluster, settings, started = info["resources"], spec.search, time.time()
+    try:
+        return _search(exp, spec, info["resources"], data, resume)
+    except Exception as err:
+        if not _no_space(err):
+            raise
+        raise ConfigError(f"--storage: {exp}: no space left on device; the search stopped and what it wrote is "
+                          f"kept: free space, then continue with --resume --name {name}") from None
+
+
+def _no_space(err: BaseException | None) -> bool:
+    """Whether `err` or an error behind it is a full filesystem: an OSError (ENOSPC, EDQUOT), SQLite's
+    "database or disk is full" (optuna.db) or a remote error's text (a trial's checkpoint upload)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in ("database or disk is full", "No space left on device")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _search(exp: Path, spec: SearchSpaceFile, cluster: dict, data: LongTailData, resume: bool) -> SearchResult:
+    """The search's phases and its result files, in the experiment folder `exp`."""
+    settings, started = spec.search, time.time()
     if settings.mode == "joint":
         grid = run_phase(exp, "search", spec, spec.space, spec.base, settings.num_samples, spec.max_epochs(),
                          cluster, resume)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import math
 import os
+import pickletools
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ..config import ExperimentConfig, with_overrides
+from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
 from .loggers import logger_callbacks
 from .resources import trial_resources
@@ -142,6 +144,23 @@ class _ReleaseStart(tune.Callback):
         _release_start()
 
 
+def _check_saved_state(phase_path: Path) -> None:
+    """Refuse to resume from a cut-off Tune state (Tune copies its state files into the experiment without a
+    temporary file, so a disk that fills up during the copy cuts them): Tune would log the error and start
+    the phase over, and the tables would then list only the new trials."""
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        newest = max(phase_path.glob(pattern), default=None)  # the one Tune restores from
+        if newest is None:
+            continue
+        data = newest.read_bytes()
+        try:  # the experiment state is JSON; the other two are pickles (whatever their name says)
+            json.loads(data) if pattern.startswith("experiment_") else list(pickletools.genops(data))
+        except ValueError as err:
+            raise ConfigError(f"--resume: {newest}: Tune's saved state is cut off ({err}), as a full disk leaves "
+                              f"it; this phase cannot be continued (its trials stay in {phase_path}): start a "
+                              "new --name") from None
+
+
 def _run_config(settings: SearchSettings, phase: str, exp: Path, reporter: tune.CLIReporter) -> tune.RunConfig:
     return tune.RunConfig(
         name=phase, storage_path=str(exp), verbose=1, progress_reporter=reporter,
@@ -159,6 +178,7 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
     trainable, concurrent = _trainable(exp, spec, base, cluster)
     phase_path = exp / phase
     if resume and tune.Tuner.can_restore(str(phase_path)):
+        _check_saved_state(phase_path)
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
 
     multi = len(settings.metrics) > 1
@@ -194,6 +214,7 @@ def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfi
     trainable, concurrent = _trainable(exp, spec, base, cluster, function=grid_trial, runs=runs)
     phase_path = exp / phase
     if resume and tune.Tuner.can_restore(str(phase_path)):
+        _check_saved_state(phase_path)
         return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(
         trainable, param_space={"run": tune.grid_search(list(runs))},
