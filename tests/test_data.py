@@ -21,12 +21,15 @@ from ltsearch.data import (
     TensorLoader,
     default_root,
     epoch_indices,
+    load_data,
     load_longtail,
     load_split,
     lt_class_counts,
+    normalization,
     random_crop_flip,
     resolve_root,
     shot_groups,
+    split_loader,
     split_longtail,
     tercile_groups,
 )
@@ -532,3 +535,43 @@ def test_unknown_sampler_is_refused_with_the_known_names():
         _loader(sampler="balanced")
     with pytest.raises(ValueError, match="'balanced'"):
         epoch_indices(torch.arange(3), "balanced", 0, 0)
+
+
+# ---------------------------------------------------------------- one loader entry point for every dataset
+
+def test_tensor_loader_crop_padding_is_a_parameter():
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 16, 16)
+    loader = TensorLoader(images, torch.arange(2), 2, (0, 0, 0), (1, 1, 1), train=True, padding=0)
+    x, y = next(iter(loader))
+    for image, label in zip(x, y):  # no padding: each image is itself or its mirror
+        original = images[label].float() / 255
+        assert torch.allclose(image, original) or torch.allclose(image, original.flip(-1))
+    padded = TensorLoader(images, torch.arange(2), 2, (0, 0, 0), (1, 1, 1), train=True, padding=8, seed=1)
+    assert (next(iter(padded))[0] == 0).all(dim=1).any()  # a crop of the 8-pixel zero border shows black pixels
+
+
+def test_split_loader_gives_cifar_its_tensor_loader(cifar10_root):
+    from ltsearch.config import ExperimentConfig
+
+    config = ExperimentConfig.model_validate({
+        "data": {"dataset": "cifar10", "root": str(cifar10_root), "imbalance_factor": 10, "val_per_class": 5},
+        "trainer": {"seed": 7, "channels_last": False}})
+    data = load_data(config)
+    loader = split_loader(config, data, "train", 16, train=True, sampler="sqrt", rank=1, world_size=2)
+    assert isinstance(loader, TensorLoader) and loader.padding == 4 and loader.seed == 7
+    assert (loader.sampler, loader.rank, loader.world_size) == ("sqrt", 1, 2)
+    expected = TensorLoader(data.train_x, data.train_y, 16, MEAN["cifar10"], STD["cifar10"], train=True, seed=7,
+                            sampler="sqrt", rank=1, world_size=2)
+    loader.set_epoch(3)
+    expected.set_epoch(3)
+    for (x, y), (x2, y2) in zip(loader, expected, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    test = split_loader(config, data, "test", 64, train=False)
+    assert torch.equal(torch.cat([y for _, y in test]), data.test_y)
+
+
+def test_normalization_covers_cifar_and_image_datasets():
+    assert normalization("cifar100") == {"mean": MEAN["cifar100"], "std": STD["cifar100"]}
+    assert normalization("imagenet_lt") == normalization("image_folder") == {
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert normalization("inat2018")["mean"] == (0.466, 0.471, 0.380)
