@@ -442,6 +442,8 @@ def test_train_command_on_a_list_dataset_and_a_nested_image_folder(tmp_path):
 
 @pytest.mark.e2e
 def test_search_on_a_list_dataset_and_an_image_folder(local_ray, tmp_path, capsys):
+    import pandas as pd
+
     import run_search
 
     images = write_lists(tmp_path / "lists", counts=[40, 20, 10, 5], size=(20, 20))
@@ -453,17 +455,20 @@ def test_search_on_a_list_dataset_and_an_image_folder(local_ray, tmp_path, capsy
         "folder": {"dataset": "image_folder", "root": str(folder), "imbalance_factor": 5, "val_per_class": 3,
                    "image_size": 20, "workers": 0},
     }
+    ranks = {"lists": 2, "folder": 1}  # the streamed list dataset in a two-rank DDP trial: a shard per rank
     for name, data in bases.items():
         space = tmp_path / f"{name}.yaml"
         space.write_text(yaml.safe_dump({
             "base": {"data": data, "model": {"name": "resnet8"}, "stage1": {"epochs": 1, "batch_size": 16},
                      "stage2": {"enabled": False}, "trainer": {"eval_batch_size": 32}},
             "space": {"stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
-            "search": {"num_samples": 1, "scheduler": {"enabled": False}}}))
+            "search": {"num_samples": 1, "scheduler": {"enabled": False},
+                       "resources": {"num_workers": ranks[name], "cpus_per_worker": 1}}}))
         assert run_search.main([str(space), "--storage", str(tmp_path / "runs"), "--name", name]) == 0
-        rows = __import__("pandas").read_csv(tmp_path / "runs" / name / "results.csv")
-        assert len(rows) == 1 and rows["status"].iloc[0] == "TERMINATED", rows.to_dict("records")
+        rows = pd.read_csv(tmp_path / "runs" / name / "results.csv")
+        assert len(rows) == 1 and rows["stop_reason"].iloc[0] == "completed", rows.to_dict("records")
         assert rows["final_val_acc"].notna().all() and rows["final_test_acc"].notna().all()
+        assert (pd.read_csv(tmp_path / "runs" / name / "history.csv")["world_size"] == ranks[name]).all()
     assert "best trial" in capsys.readouterr().out
 
 
