@@ -16,12 +16,12 @@ refused when cached, never stored as inf.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from .config import ExperimentConfig
-from .data import TensorLoader, epoch_indices, load_data, normalization
+from .data import epoch_indices, load_data, split_loader
 from .files import CHECKPOINT_FILE
 from .metrics import class_groups, classifier_metrics
 from .models import LTClassifier, model_from_config
@@ -43,7 +43,7 @@ def _load_stage1_model(config: ExperimentConfig, checkpoint_dir: str, num_classe
 
 
 @torch.no_grad()
-def _features(model: LTClassifier, loader: TensorLoader, checkpoint_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(model: LTClassifier, loader: Iterable, checkpoint_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every batch of `loader` in `FEATURE_DTYPE`, and their labels."""
     feats, labels = [], []
     for x, y in loader:
@@ -68,15 +68,14 @@ def cache_features(config: ExperimentConfig, checkpoint_dir: str, views: int) ->
     classifier state, for the stage-1 config `config` and its checkpoint."""
     data = load_data(config)
     model = _load_stage1_model(config, checkpoint_dir, data.num_classes)
-    norm = normalization(config.data.dataset)
     batch = config.trainer.eval_batch_size
-    train = TensorLoader(data.train_x, data.train_y, batch, train=True, seed=config.trainer.seed, **norm)
+    train = split_loader(config, data, "train", batch, train=True)  # in memory, or streamed from image files
     train_views = []
     for view in range(views):
         train.set_epoch(10_000 + view)  # epochs that stage 1 never used
         train_views.append(_features(model, train, checkpoint_dir))
-    evals = {split: _features(model, TensorLoader(x, y, batch, train=False, **norm), checkpoint_dir)
-             for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y))}
+    evals = {split: _features(model, split_loader(config, data, split, batch, train=False), checkpoint_dir)
+             for split in ("val", "test")}
     return {"train_views": train_views, **evals, "head": classifier_head(model).state_dict(), "class_counts": data.class_counts,
             "num_classes": data.num_classes, "feature_dim": model.feature_dim}
 

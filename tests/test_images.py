@@ -408,6 +408,24 @@ def test_training_resumes_mid_stage_to_the_uninterrupted_run(lists, tmp_path, ch
     assert full["class_counts"] == [n - 1 for n in COUNTS] and full["stage2"]["final"]["test_acc"] is not None
 
 
+@pytest.mark.parametrize("chosen", ["memory", "stream"])
+def test_staged_mode_caches_features_of_an_image_dataset(lists, tmp_path, chosen):
+    """Staged mode's stage 2 reads features of the stage-1 checkpoint through the dataset's own loader: the
+    streamed pipeline too (its images are files, not a tensor), one row per image of each split."""
+    from ltsearch.features import cache_features, fit_classifier
+    from ltsearch.train import train
+
+    config = with_overrides(list_config(lists, pipeline=chosen), {"stage2.enabled": False})
+    train(config, out_dir=tmp_path / "run")
+    cache = cache_features(config, str(tmp_path / "run" / "checkpoint"), views=2)
+    data = load_data(config)
+    assert [len(y) for _, y in cache["train_views"]] == [len(data.train_y)] * 2
+    assert len(cache["val"][1]) == len(data.val_y) and len(cache["test"][1]) == len(data.test_y)
+    assert not torch.equal(cache["train_views"][0][0], cache["train_views"][1][0])  # two augmented views
+    fitted = fit_classifier(cache, with_overrides(config, {"stage2.enabled": True}))
+    assert fitted["epoch"] == 1 and 0.0 <= fitted["test_acc"] <= 100.0
+
+
 # ---------------------------------------------------------------- end to end
 
 def _metrics_have_classes_and_groups(metrics: dict, num_classes: int) -> None:
