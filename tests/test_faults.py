@@ -381,8 +381,8 @@ def test_burst_of_stage2_trials_with_the_driver_killed_three_times(cifar10_root,
     COMPLETE trial of the Optuna study; the trials a kill interrupted are FAIL there and not in results.csv;
     no output mentions "database is locked". BURST is 150, not the issue's 500: a stage-2 trial is a Ray task
     of well under a second on cached features, but each of the four driver starts re-runs Ray's start,
-    stage 1's restore and the feature caching, so 150 keeps the test near two minutes on an idle 2-core
-    machine while each kill still lands among dozens of finished and running trials."""
+    stage 1's restore and the feature caching; with 150 the test took 230-240 s on a shared 2-core machine
+    under load, and each kill still lands among dozens of finished trials and two running ones."""
     space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, stage2_epochs=1, space={
         "stage2.weight_decay": {"loguniform": [1e-3, 1.0]}},
         search={"mode": "staged", "staged": {"top_k": 1, "num_samples": BURST, "views": 1}})

@@ -21,7 +21,7 @@ from ..space import SearchSettings
 from ..train import TrainingDiverged, train
 from .results import planned_epochs
 
-__all__ = ["grid_trial", "trial"]
+__all__ = ["drop_unregistered_checkpoints", "grid_trial", "trial"]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -102,18 +102,33 @@ def trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage
                              checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=settings.max_failures)),
     )
-    _drop_unregistered_checkpoints(trainer.fit())
+    trainer.fit()
 
 
-def _drop_unregistered_checkpoints(result) -> None:
-    """Delete the checkpoint folders of a finished Ray Train run that its checkpoint manager does not hold.
-    When a worker group fails, rank 0 may have uploaded checkpoints of epochs whose reports the controller
-    never took (Ray Train 2.60 leaves those folders; the run restarts from the last registered one and
-    trains those epochs again), so `keep_checkpoints` would not bound the folders kept."""
-    kept = {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints or []}
-    for folder in Path(result.path).glob("checkpoint_*"):
-        if folder.is_dir() and folder.name not in kept:
-            shutil.rmtree(folder, ignore_errors=True)
+def drop_unregistered_checkpoints(train_storage: Path) -> None:
+    """Delete, in each Ray Train run under `train_storage` (one per multi-worker trial), the checkpoint folders
+    its checkpoint manager does not hold. When a worker group fails, rank 0 may have uploaded checkpoints of
+    epochs whose reports the controller never took (the run restarts from the last registered one and trains
+    those epochs again); Ray Train 2.60 leaves those folders, so `keep_checkpoints` would not bound the
+    folders kept. Called by the driver after a phase: a trial's own process may be stopped (by ASHA at its
+    last epoch, say) before its Ray Train run returns."""
+    from ray.train import Result
+
+    noisy = logging.getLogger("ray.train")
+    level = noisy.level
+    noisy.setLevel(logging.WARNING)  # Result.from_path announces the snapshot it loads
+    try:
+        for run in sorted(p for p in train_storage.glob("*") if p.is_dir()):
+            try:
+                result = Result.from_path(str(run))
+            except RuntimeError:  # a run that never reported a checkpoint
+                continue
+            kept = {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints or []}
+            for folder in run.glob("checkpoint_*"):
+                if folder.is_dir() and folder.name not in kept:
+                    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        noisy.setLevel(level)
 
 
 def grid_trial(config: dict, runs: dict, **parameters) -> None:

@@ -24,7 +24,7 @@ from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, 
 from .loggers import logger_callbacks
 from .resources import trial_resources
 from .results import planned_epochs, trial_row
-from .trials import grid_trial, trial
+from .trials import drop_unregistered_checkpoints, grid_trial, trial
 
 __all__ = ["make_sampler", "results_table", "run_grid", "run_phase", "study_storage"]
 
@@ -118,15 +118,25 @@ _START_LOCK = Path(tempfile.gettempdir()) / f"ltsearch-tune-start-{os.getuid()}.
 _held: list = []  # the open lock file while this driver holds it
 
 
-def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
+def _fit(tuner: tune.Tuner, exp: Path) -> tune.ResultGrid:
     """`tuner.fit()` of a new run, started in a second no other ltsearch driver on this machine started in."""
     lock = open(_START_LOCK, "a")  # noqa: SIM115 (closed by _release_start: from Tune's callback, or below)
     fcntl.flock(lock, fcntl.LOCK_EX)
     _held.append(lock)
     try:
-        return tuner.fit()
+        grid = tuner.fit()
     finally:
         _release_start()
+    drop_unregistered_checkpoints(exp / "train")
+    return grid
+
+
+def _restore(exp: Path, phase: str, trainable) -> tune.ResultGrid:
+    """Continue the Tune run `exp/phase` (its finished trials kept, the others from their checkpoints)."""
+    _check_saved_state(exp / phase)
+    grid = tune.Tuner.restore(str(exp / phase), trainable, resume_unfinished=True, resume_errored=True).fit()
+    drop_unregistered_checkpoints(exp / "train")
+    return grid
 
 
 def _release_start() -> None:
@@ -176,10 +186,8 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
     `max_epochs`, the most epochs any sampled configuration can plan."""
     settings = spec.search
     trainable, concurrent = _trainable(exp, spec, base, cluster)
-    phase_path = exp / phase
-    if resume and tune.Tuner.can_restore(str(phase_path)):
-        _check_saved_state(phase_path)
-        return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
+    if resume and tune.Tuner.can_restore(str(exp / phase)):
+        return _restore(exp, phase, trainable)
 
     multi = len(settings.metrics) > 1
     searcher = _LtOptunaSearch(
@@ -202,7 +210,7 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
                                     reuse_actors=settings.resources.num_workers == 1),
         run_config=_run_config(settings, phase, exp, _reporter(settings, list(space))),
     )
-    return _fit(tuner)
+    return _fit(tuner, exp)
 
 
 def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfig, runs: dict[str, dict],
@@ -212,17 +220,15 @@ def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfi
     interrupted one (finished runs are kept, unfinished ones continue from their last checkpoint)."""
     settings = spec.search
     trainable, concurrent = _trainable(exp, spec, base, cluster, function=grid_trial, runs=runs)
-    phase_path = exp / phase
-    if resume and tune.Tuner.can_restore(str(phase_path)):
-        _check_saved_state(phase_path)
-        return tune.Tuner.restore(str(phase_path), trainable, resume_unfinished=True, resume_errored=True).fit()
+    if resume and tune.Tuner.can_restore(str(exp / phase)):
+        return _restore(exp, phase, trainable)
     tuner = tune.Tuner(
         trainable, param_space={"run": tune.grid_search(list(runs))},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent,
                                     reuse_actors=settings.resources.num_workers == 1),
         run_config=_run_config(settings, phase, exp, _reporter(settings, ["run"])),
     )
-    return _fit(tuner)
+    return _fit(tuner, exp)
 
 
 def _reporter(settings: SearchSettings, keys: list[str]) -> tune.CLIReporter:
