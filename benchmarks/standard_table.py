@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from ltsearch.data import tercile_groups
+from ltsearch.metrics import is_missing
 from ltsearch.search.results import best_row
 from ltsearch.space import load_search_space
 
@@ -30,7 +31,7 @@ GROUPS = ("head", "middle", "tail")
 
 def _row(name: str, rule: str, values: dict) -> str:
     def pct(v):
-        return "" if v is None or v != v else f"{float(v):.2f}"
+        return "" if is_missing(v) else f"{float(v):.2f}"
     return f"| {name} | {rule} | {pct(values.get(''))} | " + " | ".join(pct(values.get(g)) for g in GROUPS) + " |"
 
 
