@@ -276,7 +276,7 @@ def main() -> None:
     p = commands.add_parser("search", help="the quick-start search with fractional GPUs, checked")
     p.add_argument("--root", required=True, help="CIFAR-10 root (from the data step)")
     p.add_argument("--storage", required=True)
-    p.add_argument("--space", default="search_spaces/quickstart.yaml")
+    p.add_argument("--space", default="benchmarks/gpu_check_space.yaml")
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--gpus-per-trial", type=float, default=0.25)
     p.add_argument("--fake-gpus", type=float, help="declare this many GPUs to Ray (CPU dry run)")

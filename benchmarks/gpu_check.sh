@@ -3,7 +3,7 @@
 #   1. the environment (nvidia-smi, torch, CUDA);
 #   2. trainer throughput of ResNet-32 (CIFAR-100-LT shapes) in fp32, bf16 and fp16 AMP at batch 64, 128
 #      and 512, then 4 processes training at once on the one GPU against one alone (what packing buys);
-#   3. a 4-trial quick-start search (search_spaces/quickstart.yaml, 2 + 1 epochs, no ASHA) with
+#   3. a 4-trial quick-start search (benchmarks/gpu_check_space.yaml, joint, 2 + 1 epochs, no ASHA) with
 #      search.resources.gpus_per_worker=0.25: it must run the 4 trials at once, each on the GPU;
 #   4. the CUDA-only tests (pytest -m cuda tests/test_gpu.py).
 #

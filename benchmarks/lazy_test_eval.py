@@ -1,8 +1,8 @@
 """Search-epoch time before and after lazy test evaluation, side by side (interleaved runs).
 
-One quick-start trial, as `run_search.py search_spaces/quickstart.yaml` runs each of its trials: CIFAR-10-LT
-IF 100 (12,386 train, 200 val, 10,000 test images), ResNet-8, 4 stage-1 + 2 stage-2 epochs, batch 128, the
-base config of search_spaces/quickstart.yaml (its searched values at their defaults), one torch thread
+One trial of the joint quick start this was measured on (now `benchmarks/gpu_check_space.yaml`; the quick
+start became a staged search): CIFAR-10-LT IF 100 (12,386 train, 200 val, 10,000 test images), ResNet-8,
+4 stage-1 + 2 stage-2 epochs, batch 128, that file's base config (searched values at their defaults), one torch thread
 (`cpus_per_worker: 1`). Each run is `python -m ltsearch train` in a fresh process, from a clean export
 (`git archive`) of a committed revision, so uncommitted work in the tree does not enter the timing:
 
@@ -68,7 +68,7 @@ def export(rev: str, where: Path) -> Path:
 
 
 def quickstart_config(path: Path, args: argparse.Namespace) -> Path:
-    base = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())["base"]
+    base = yaml.safe_load((REPO / "benchmarks" / "gpu_check_space.yaml").read_text())["base"]
     base["stage1"]["epochs"], base["stage2"]["epochs"] = args.stage1_epochs, max(args.stage2_epochs, 1)
     base["stage2"]["enabled"] = args.stage2_epochs > 0
     base["data"]["download"] = False

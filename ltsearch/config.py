@@ -286,7 +286,9 @@ class PosthocConfig(StrictModel):
 class TrainerConfig(StrictModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 autocast (CPU/GPU); fp16 AMP on GPU only
+    # auto: bf16 autocast on CPUs with bf16 instructions, else fp32; on CUDA bf16 autocast, or fp16 AMP where the
+    # GPU lacks bf16 (ltsearch.train.resolve_precision). fp16 needs CUDA. History rows record what ran.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     eval_batch_size: int = Field(512, ge=1)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: leave torch's default

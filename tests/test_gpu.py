@@ -163,8 +163,9 @@ def test_mixed_precision_on_cuda_trains_close_to_fp32(cifar10_root, precision):
     from ltsearch.train import train
 
     one_epoch = {"stage1.epochs": 1, "stage2.enabled": False}
-    fp32 = train(_cuda_config(cifar10_root, **one_epoch))
+    fp32 = train(_cuda_config(cifar10_root, **one_epoch, **{"trainer.precision": "fp32"}))
     mixed = train(_cuda_config(cifar10_root, **one_epoch, **{"trainer.precision": precision}))
+    assert {h["precision"] for h in mixed["history"]} == {precision}
     for a, b in zip(mixed["history"], fp32["history"], strict=True):
         assert math.isfinite(a["train_loss"]) and a["train_loss"] == pytest.approx(b["train_loss"], rel=0.2)
 

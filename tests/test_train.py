@@ -14,7 +14,7 @@ from ltsearch.__main__ import main
 from ltsearch.config import ExperimentConfig, with_overrides
 from ltsearch.data import load_data
 from ltsearch.regularizers import relative_max_norm
-from ltsearch.train import TrainingDiverged, train
+from ltsearch.train import TrainingDiverged, resolve_precision, train
 
 
 def timeless(history: list[dict]) -> list[dict]:
@@ -138,7 +138,7 @@ def one_epoch_each(cifar10_root, **options) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def plain_run(cifar10_root):
     """The variants' baseline: no NBN, fp32, one epoch of each stage."""
-    return train_with_states(one_epoch_each(cifar10_root))
+    return train_with_states(one_epoch_each(cifar10_root, **{"trainer.precision": "fp32"}))
 
 
 def test_nbn_variant_trains_the_shared_scale(cifar10_root, plain_run):
@@ -158,6 +158,18 @@ def test_bf16_variant_differs_from_fp32_but_stays_close(cifar10_root, plain_run)
         bf16, fp32 = summary[stage]["final"]["train_loss"], plain[stage]["final"]["train_loss"]
         assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.1)
     assert summary["stage1"]["final"]["val_loss"] == pytest.approx(plain["stage1"]["final"]["val_loss"], rel=0.1)
+    assert {h["precision"] for h in summary["history"]} == {"bf16"}
+    assert {h["precision"] for h in plain["history"]} == {"fp32"}
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_bf16_instructions_else_fp32(monkeypatch):
+    cpu = torch.device("cpu")
+    for capabilities, expected in [({"avx512_bf16": True, "amx_bf16": False}, "bf16"),
+                                   ({"avx512_bf16": False, "amx_bf16": True}, "bf16"),
+                                   ({"avx512_bf16": False, "amx_bf16": False}, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert resolve_precision("auto", cpu) == expected, capabilities
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
 
 
 def test_cb_focal_variant_trains_the_logit_bn_with_its_own_loss(cifar10_root):
