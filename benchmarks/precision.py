@@ -4,14 +4,14 @@
                 TensorLoader, channels_last model, CE, SGD) for ResNet-8/20/32 in fp32 and under bf16
                 autocast, each measurement a fresh process, repetitions interleaved
                 (rep 0: r8 fp32, r8 bf16, r20 fp32, ... rep 1: ...), medians of per-rep bf16/fp32 ratios.
-    parity      `python -m ltsearch train` on real CIFAR-10-LT (IF 100) with one short schedule, seeds 0 and 1,
+    parity      `python -m ltsearch train` on real CIFAR-10-LT (IF 100) with one short schedule, seeds 0-3,
                 fp32 and bf16: test accuracy at the epoch chosen on validation and at the last epoch.
 
 Decision rule (issue "Faster searches"): bf16 becomes the CPU default if it is >= 1.3x faster and its accuracy
 lies within the fp32 seed spread.
 
     .venv/bin/python benchmarks/precision.py throughput --threads 1            # ~6 min here
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/precision.py parity --out runs/precision   # ~25 min on one core
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/precision.py parity --out runs/precision   # ~45 min on one core
 """
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ def parity(args: argparse.Namespace) -> None:
                        "--set", f"trainer.precision={precision}", "--set", f"trainer.num_threads={args.threads}"]
                 print(" ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
-            metrics = json.loads((out / "metrics.json").read_text())["stage1"]
-            epoch_s = statistics.median(h["epoch_time_s"] for h in
-                                        json.loads((out / "metrics.json").read_text())["history"])
+            summary = json.loads((out / "metrics.json").read_text())
+            metrics = summary["stage1"]
+            epoch_s = statistics.median(h["epoch_time_s"] for h in summary["history"])
             rows.append((seed, precision, metrics["best_epoch"], metrics["best"]["test_acc"],
                          metrics["final"]["test_acc"], epoch_s))
     print(f"\n{args.config}, {args.threads} thread(s)")
@@ -95,7 +95,7 @@ def main() -> None:
     p.set_defaults(func=throughput)
     p = commands.add_parser("parity")
     p.add_argument("--config", type=Path, default=HERE / "precision_parity.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="one run folder per seed and precision (kept: rerun resumes)")
     p.set_defaults(func=parity)
