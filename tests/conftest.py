@@ -23,6 +23,8 @@ import psutil
 import pytest
 import yaml
 
+from .servers import postgres_server, s3_server  # noqa: F401 (fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 MAKE_CIFAR10 = REPO.parent / "shared" / "data" / "make_cifar10.py"
 
@@ -152,16 +154,18 @@ def _ray_start(args: list[str], env: dict) -> None:
 
 
 @contextlib.contextmanager
-def two_node_cluster(tmp_path: Path):
+def two_node_cluster(tmp_path: Path, extra_env: dict | None = None):
     """A head and a second node of 1 CPU each on loopback, with their own ports, temp dir and auth token.
     Yields (GCS address, env for processes that use the cluster, the second node's node-manager port);
-    stops only this cluster's processes afterwards."""
+    stops only this cluster's processes afterwards. `extra_env` reaches the cluster's workers (object-storage
+    credentials); the env's RAY_API_SERVER_ADDRESS is the dashboard's job API (`ray job submit`)."""
     temp_dir = f"/tmp/ltsr{os.getpid()}"  # short: Ray's unix sockets live under it
     gcs, dashboard, client, head_mgr, head_obj, node_mgr, node_obj = _free_ports(7)
     token = tmp_path / "auth_token"  # token authentication stays on, with a token of the test's own
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}",  # what the cluster's own workers connect to
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", **(extra_env or {})}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     try:
         _ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",

@@ -235,14 +235,16 @@ def importance_frame(exp: Experiment) -> pd.DataFrame:
     import optuna  # deferred: ~0.5 s, only this frame needs it
 
     columns = ["study", "parameter", "importance", "note"]
-    if not (exp.path / "optuna.db").is_file():
+    storage, prefix = exp.study_storage()
+    if storage is None:
         return pd.DataFrame([{"study": "-", "note": f"no optuna.db in {exp.path}"}], columns=columns)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{exp.path / 'optuna.db'}"
     rows: list[dict[str, Any]] = []
     for summary in optuna.get_all_study_summaries(storage):
+        if not summary.study_name.startswith(prefix):
+            continue  # another experiment's study in a shared database
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        name = summary.study_name + (" (Pareto front)" if len(study.directions) > 1 else "")
+        name = summary.study_name[len(prefix):] + (" (Pareto front)" if len(study.directions) > 1 else "")
         with warnings.catch_warnings(record=True) as caught:  # too few trials: a warning and equal values
             warnings.simplefilter("always")
             importances = optuna.importance.get_param_importances(study) if summary.n_trials else {}

@@ -11,7 +11,8 @@ import plotly.io as pio
 import yaml
 
 from ..files import atomic_write_text
-from ..metrics import is_missing
+from ..selection import is_missing
+from ..storage import Location
 from .experiment import Experiment, load_experiment
 from .figures import (
     accuracy_figures,
@@ -171,9 +172,16 @@ select. Search wall time: {summary.get("wall_time_s", float("nan")):.0f} s.</p>
 """
     report = exp.path / "report.html"
     atomic_write_text(report, page)
-    print(f"wrote {report}")
     if png:
         _write_pngs(figures, exp.path / "figures")
+    if exp.source is not None:  # an experiment in object storage: the report goes next to its results
+        target = Location(exp.source)
+        (target / "report.html").upload(report)
+        if (exp.path / "figures").is_dir():
+            (target / "figures").upload(exp.path / "figures")
+        print(f"wrote {target / 'report.html'} (and a local copy, {report})")
+    else:
+        print(f"wrote {report}")
     return report
 
 

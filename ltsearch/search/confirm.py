@@ -16,17 +16,16 @@ tasks of a second or so; they are redone when a resumed search reaches them).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import ray
 
 from ..config import with_overrides
-from ..files import atomic_write_text
 from ..space import SearchSpaceFile
+from ..storage import Location
 from .resources import task_concurrency
 from .results import STAGE1_TRIAL, rank_trials, sampled_values, selection_rows, trial_row
-from .staged import _fit_stage2, _stage2_epochs
+from .staged import _fit_stage2, _stage2_epochs, cached_features
 from .tune_phase import results_table, run_grid
 
 __all__ = ["CONFIRM_PHASE", "confirm_candidates", "run_confirm"]
@@ -40,7 +39,7 @@ def confirm_candidates(table: pd.DataFrame, spec: SearchSpaceFile) -> pd.DataFra
     return rank_trials(selection_rows(table), spec.search).head(spec.search.confirm.top_k)
 
 
-def _planned_candidates(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, resume: bool) -> pd.DataFrame:
+def _planned_candidates(exp: Location, spec: SearchSpaceFile, table: pd.DataFrame, resume: bool) -> pd.DataFrame:
     """The candidates, kept in `confirm_plan.json` once chosen: a resumed search re-trains exactly the
     configurations the interrupted confirmation started with."""
     plan = exp / PLAN_FILE
@@ -49,12 +48,11 @@ def _planned_candidates(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, r
         by_id = table.set_index("trial_id", drop=False)
         return by_id.loc[[i for i in ids if i in by_id.index]].reset_index(drop=True)
     candidates = confirm_candidates(table, spec)
-    atomic_write_text(plan, json.dumps({"candidates": candidates["trial_id"].tolist(),
-                                        "seeds": spec.search.confirm.seeds}))
+    plan.write_text(json.dumps({"candidates": candidates["trial_id"].tolist(), "seeds": spec.search.confirm.seeds}))
     return candidates
 
 
-def run_confirm(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, cluster: dict,
+def run_confirm(exp: Location, spec: SearchSpaceFile, table: pd.DataFrame, cluster: dict,
                 resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per confirmed configuration and seed, their per-epoch history). Each row is a result row
     of the re-trained configuration (`trial_row`) plus `confirmed_trial` (the search trial it re-trains)
@@ -79,7 +77,7 @@ def _run_name(trial_id: str, seed: int) -> str:
     return f"{trial_id}-seed{seed}"
 
 
-def _confirm_joint(exp: Path, spec: SearchSpaceFile, candidates: pd.DataFrame, seeds: list[int], cluster: dict,
+def _confirm_joint(exp: Location, spec: SearchSpaceFile, candidates: pd.DataFrame, seeds: list[int], cluster: dict,
                    resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     keys = list(spec.space)
     runs, which = {}, {}
@@ -103,10 +101,8 @@ def _order(candidates: pd.DataFrame):
     return lambda column: column.map(rank) if column.name == "confirmed_trial" else column
 
 
-def _confirm_staged(exp: Path, spec: SearchSpaceFile, candidates: pd.DataFrame, seeds: list[int],
+def _confirm_staged(exp: Location, spec: SearchSpaceFile, candidates: pd.DataFrame, seeds: list[int],
                     cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from ..features import cache_features
-
     settings = spec.search
     stage1_keys, stage2_keys = spec.sample_keys("stage1"), spec.sample_keys("stage2")
     base1 = with_overrides(spec.base, {"stage2.enabled": False})
@@ -117,7 +113,7 @@ def _confirm_staged(exp: Path, spec: SearchSpaceFile, candidates: pd.DataFrame, 
     table1, history1 = results_table(grid, settings, stage1_keys, base1, runs)
     stage1 = table1.set_index("run") if len(table1) else pd.DataFrame()
 
-    cache = ray.remote(cache_features).options(num_cpus=settings.resources.cpus_per_worker)
+    cache = ray.remote(cached_features).options(num_cpus=settings.resources.cpus_per_worker)
     fit = ray.remote(_fit_stage2).options(num_cpus=settings.resources.cpus_per_worker)
     task_concurrency(settings, cluster)  # a stage-2 task the cluster cannot hold is refused, as in the search
     caches, pending = {}, []

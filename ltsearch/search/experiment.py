@@ -1,8 +1,11 @@
 """One experiment folder, from start (or resume) to its result files.
 
+`storage` is a local folder (shared, e.g. NFS, when several nodes run trials) or an object-storage URI
+(`s3://bucket/prefix`, `gs://...`: `ltsearch.storage`); every file below goes through the same layer.
 Layout of `storage/name/`:
     space.yaml          the resolved search-space file this experiment runs
-    optuna.db           the Optuna studies (SQLite; `optuna-dashboard sqlite:///optuna.db`)
+    optuna.db           the Optuna studies (SQLite; `optuna-dashboard sqlite:///optuna.db`), unless
+                        `search.optuna_storage` names a database server (`studies.py`)
     search/ | stage1/   Ray Tune's own experiment folder (trial results, checkpoints); a staged search's
                         second phase runs as Ray tasks and keeps its results in optuna.db (study stage2)
     train/              Ray Train runs of multi-worker trials
@@ -37,17 +40,19 @@ import pandas as pd
 import ray
 import yaml
 
+from ..build import load_data
 from ..config import ConfigError, ExperimentConfig, with_overrides
-from ..data import LongTailData, load_data
-from ..files import atomic_write_text
+from ..data import LongTailData
 from ..metrics import class_groups, is_missing
 from ..selection import CONFIDENCE, confirmation_summary, metric_group
 from ..space import SearchSpaceFile
+from ..storage import Location, StorageError
 from .confirm import CONFIRM_PHASE, run_confirm
 from .resources import trial_resources
 from .results import add_validation_noise, best_row, plain, sampled_values
 from .staged import run_staged
-from .tune_phase import results_table, run_phase, study_storage
+from .studies import Studies
+from .tune_phase import results_table, run_phase
 
 __all__ = ["EXPERIMENT_MARKER", "SearchResult", "connect", "run_search"]
 
@@ -56,7 +61,7 @@ EXPERIMENT_MARKER = "space.yaml"
 
 @dataclass
 class SearchResult:
-    path: Path
+    path: Location
     results: pd.DataFrame
     best: dict[str, Any]
 
@@ -96,9 +101,9 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
     return None if old == new else where
 
 
-def _check_resumable(exp: Path, spec: SearchSpaceFile) -> None:
+def _check_resumable(exp: Location, spec: SearchSpaceFile) -> None:
     """`--resume` continues the experiment only with the same search-space file it started with."""
-    if not (exp / EXPERIMENT_MARKER).exists():
+    if not (exp / EXPERIMENT_MARKER).is_file():
         raise ConfigError(f"--resume: {exp} holds no ltsearch experiment (no {EXPERIMENT_MARKER})")
     stored = yaml.safe_load((exp / EXPERIMENT_MARKER).read_text())
     given = yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))
@@ -108,50 +113,43 @@ def _check_resumable(exp: Path, spec: SearchSpaceFile) -> None:
                           "(resume with the same space file and --set values, or start a new --name)")
 
 
-def _check_creatable(exp: Path) -> None:
-    """Refuse, before Ray starts, a folder that cannot be made: its nearest existing ancestor must be a
-    writable folder. (It is made only once the cluster answers.)"""
-    ancestor = exp.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"--storage: cannot create {exp}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"--storage: cannot create {exp}: {ancestor} is not writable")
-
-
 def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str | None = None,
                address: str | None = None, dashboard_host: str = "127.0.0.1", resume: bool = False,
                source: str = "space") -> SearchResult:
     """Run (or resume) the search described by `spec`; return its results table and best trial.
 
     The experiment folder is created only once the data loads, the cluster answers and can hold a trial,
-    so a failed start leaves nothing behind that a rerun with the same `--name` would trip over."""
-    storage = Path(storage).expanduser().resolve()
+    so a failed start leaves nothing behind that a rerun with the same `--name` would trip over: the storage
+    (a writable folder, or a store that answers, with its bucket and credentials) and the Optuna database
+    are checked first."""
     data = load_data(spec.base)  # a missing or corrupt dataset is refused (or downloaded once) before Ray starts
-    if resume:
-        if name is None:
-            raise ConfigError("--resume needs --name (the experiment to continue)")
-        exp = storage / name
-        _check_resumable(exp, spec)
-    else:
-        name = name or f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        exp = storage / name
-        if exp.exists():
+    if resume and name is None:
+        raise ConfigError("--resume needs --name (the experiment to continue)")
+    name = name or f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        exp = Location(storage) / name
+        exp.check_creatable()
+        if resume:
+            _check_resumable(exp, spec)
+        elif exp.exists():
             raise ConfigError(f"--name: {exp} already exists; pass --resume to continue it or another --name")
-        _check_creatable(exp)
+    except StorageError as err:
+        raise ConfigError(f"--storage: {err}") from None
+    studies = Studies(exp, spec.search.optuna_storage)
+    studies.check()
 
     info = connect(address, dashboard_host)
     trial_resources(spec.search, info["resources"])  # a trial the cluster cannot hold is refused here
     if not resume:
         try:
-            exp.mkdir(parents=True)
+            exp.mkdir()
         except OSError as err:
-            raise ConfigError(f"--storage: cannot create {exp}: {err.strerror}") from None
-        atomic_write_text(exp / EXPERIMENT_MARKER, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+            raise ConfigError(f"--storage: cannot create {exp}: {err.strerror or err}") from None
+        (exp / EXPERIMENT_MARKER).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     if info["dashboard_url"]:
         print(dashboard_hint(info["dashboard_url"]), flush=True)
     print(f"Experiment: {exp}", flush=True)
+    print(studies.start(resume), flush=True)
     try:
         return _search(exp, spec, info["resources"], data, resume)
     except Exception as err:
@@ -159,6 +157,8 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
             raise
         raise ConfigError(f"--storage: {exp}: no space left on device; the search stopped and what it wrote is "
                           f"kept: free space, then continue with --resume --name {name}") from None
+    finally:
+        studies.save()
 
 
 def _no_space(err: BaseException | None) -> bool:
@@ -175,7 +175,7 @@ def _no_space(err: BaseException | None) -> bool:
     return False
 
 
-def _search(exp: Path, spec: SearchSpaceFile, cluster: dict, data: LongTailData, resume: bool) -> SearchResult:
+def _search(exp: Location, spec: SearchSpaceFile, cluster: dict, data: LongTailData, resume: bool) -> SearchResult:
     """The search's phases and its result files, in the experiment folder `exp`."""
     settings, started = spec.search, time.time()
     if settings.mode == "joint":
@@ -254,7 +254,7 @@ def confirmation_rows(table: pd.DataFrame, runs: pd.DataFrame, spec: SearchSpace
     return pd.DataFrame(rows)
 
 
-def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, history: pd.DataFrame,
+def _write_results(exp: Location, spec: SearchSpaceFile, table: pd.DataFrame, history: pd.DataFrame,
                    wall_time_s: float, runs: pd.DataFrame | None = None, runs_history: pd.DataFrame | None = None,
                    validation: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Write results.csv, history.csv, best_config.yaml and summary.json (and, with confirmation runs,
@@ -263,13 +263,15 @@ def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, histor
     validation objective over its seeds."""
     search_best = best_row(table, spec.search)
     best, confirmed = search_best, None
+    studies = Studies(exp, spec.search.optuna_storage)
     summary: dict[str, Any] = {"experiment": str(exp), "num_trials": len(table),
-                               "wall_time_s": wall_time_s, "metric": spec.search.metrics}
+                               "wall_time_s": wall_time_s, "metric": spec.search.metrics,
+                               "optuna_storage": studies.shown_url()}
     if validation is not None:
         summary["validation"] = validation
     if runs is not None:
         confirmed = confirmation_rows(table, runs, spec) if len(runs) else pd.DataFrame()
-        atomic_write_text(exp / "confirm.csv", runs.to_csv(index=False))
+        (exp / "confirm.csv").write_text(runs.to_csv(index=False))
         picked = confirmed.iloc[0] if len(confirmed) and confirmed.iloc[0]["runs_ok"] > 0 else None
         if picked is not None:
             best = table.set_index("trial_id").loc[picked["confirmed_trial"]].copy()
@@ -287,17 +289,17 @@ def _write_results(exp: Path, spec: SearchSpaceFile, table: pd.DataFrame, histor
         table = pd.concat([table, confirmed], ignore_index=True)
         if runs_history is not None and len(runs_history):
             history = pd.concat([history, runs_history], ignore_index=True)
-    atomic_write_text(exp / "results.csv", table.to_csv(index=False))
-    atomic_write_text(exp / "history.csv", history.to_csv(index=False))
+    (exp / "results.csv").write_text(table.to_csv(index=False))
+    (exp / "history.csv").write_text(history.to_csv(index=False))
     if best is not None:
         best_config = with_overrides(spec.base, sampled_values(best, list(spec.space)))
-        atomic_write_text(exp / "best_config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
+        (exp / "best_config.yaml").write_text(yaml.safe_dump(best_config.model_dump(), sort_keys=False))
         summary["best"] = {k: plain(v) for k, v in best.items() if not _missing(v)}
         if confirmed is not None and len(confirmed):
             summary["best"]["confirmed"] = {k: plain(v) for k, v in confirmed.iloc[0].items() if not _missing(v)}
     if len(spec.search.metrics) > 1:
-        _write_pareto(exp, spec)
-    atomic_write_text(exp / "summary.json", json.dumps(summary, indent=1, default=str))
+        _write_pareto(exp, spec, studies)
+    (exp / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return table, summary.get("best", {})
 
 
@@ -327,15 +329,18 @@ def _print_confirmation(confirmed: pd.DataFrame, search_best: pd.Series | None, 
         print(f"Confirmation kept the search's pick: {pick}", flush=True)
 
 
-def _write_pareto(exp: Path, spec: SearchSpaceFile) -> None:
+def _write_pareto(exp: Location, spec: SearchSpaceFile, studies: Studies) -> None:
     """The Optuna studies' Pareto fronts (multi-objective searches) as `pareto.csv`."""
-    storage = study_storage(exp)
+    storage = studies.storage()
     frames = []
     for summary in optuna.get_all_study_summaries(storage):
+        phase = studies.phase_of(summary.study_name)
+        if phase is None:
+            continue  # another experiment's study in a shared database
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         if len(study.directions) < 2:
             continue
         for t in study.best_trials:
-            frames.append({"study": summary.study_name, "optuna_trial": t.number, **t.params,
+            frames.append({"study": phase, "optuna_trial": t.number, **t.params,
                            **dict(zip(spec.search.metrics, t.values))})
-    atomic_write_text(exp / "pareto.csv", pd.DataFrame(frames).to_csv(index=False))
+    (exp / "pareto.csv").write_text(pd.DataFrame(frames).to_csv(index=False))

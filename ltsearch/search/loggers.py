@@ -9,20 +9,24 @@ second phase runs as Ray tasks, not Tune trials: its trials are in `results.csv`
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray.tune.logger import TBXLoggerCallback
 
 from ..space import SearchSettings
+from ..storage import Location, local_mirror
 
 __all__ = ["logger_callbacks", "mlflow_uri"]
 
 
-def mlflow_uri(settings: SearchSettings, exp: Path) -> str:
-    return settings.mlflow_tracking_uri or f"sqlite:///{(exp / 'mlflow.db').resolve()}"
+def mlflow_uri(settings: SearchSettings, exp: Location) -> str:
+    """The tracking URI: the setting, else SQLite in the experiment folder (on the driver's disk when the
+    experiment is in object storage: give a tracking server there)."""
+    if settings.mlflow_tracking_uri:
+        return settings.mlflow_tracking_uri
+    folder = exp.local_path if exp.is_local else local_mirror(exp, "mlflow")
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def logger_callbacks(settings: SearchSettings, exp: Path, phase: str) -> list:
+def logger_callbacks(settings: SearchSettings, exp: Location, phase: str) -> list:
     callbacks = []
     if "tensorboard" in settings.loggers:
         callbacks.append(TBXLoggerCallback())

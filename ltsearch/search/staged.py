@@ -5,13 +5,15 @@ A stage-2 trial is about a second of work on cached features. As a Tune trial it
 actor's start-up and Tune's bookkeeping, ~10 s (docs/benchmarks.md, benchmark 3); Ray tasks run in pooled
 worker processes, so the phase runs as tasks, as many at once as the cluster has CPUs for. Each finished
 trial's results (`history`, and `per_class` accuracies of its last epoch) are stored as user attributes of
-its Optuna trial (study `stage2` in optuna.db) before it is told: a resumed search keeps them; trials an
-interruption left running are failed and redrawn, or completed if their results were already stored. There
-is no early stopping in this phase.
+its Optuna trial (study `stage2`, see `studies.py`) before it is told: a resumed search keeps them; trials
+an interruption left running are failed and redrawn, or completed if their results were already stored.
+There is no early stopping in this phase. Stage-1 checkpoints in object storage are downloaded by the
+task that caches their features.
 """
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,13 +23,26 @@ import ray
 
 from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..space import SearchSpaceFile, flat_config, suggest
+from ..storage import Location, is_uri
 from .resources import task_concurrency
 from .results import STAGE1_TRIAL, rank_trials, sampled_values, trial_row
-from .tune_phase import make_sampler, results_table, run_phase, study_storage
+from .studies import Studies
+from .tune_phase import make_sampler, results_table, run_phase
 
-__all__ = ["STAGE1_RUN", "finished_stage1_run", "run_staged", "search_stage2"]
+__all__ = ["STAGE1_RUN", "cached_features", "finished_stage1_run", "run_staged", "search_stage2"]
 
 STAGE1_RUN = "stage1_run"  # trial id of the stage-1 run that `search.staged.stage1_run` names
+
+
+def cached_features(config: ExperimentConfig, checkpoint: str, views: int) -> dict:
+    """Ray task: `features.cache_features` of a stage-1 checkpoint folder, a local path or a URI (copied to
+    the task's node first)."""
+    from ..features import cache_features
+
+    if not is_uri(checkpoint):
+        return cache_features(config, checkpoint, views)
+    with tempfile.TemporaryDirectory() as tmp:
+        return cache_features(config, Location(checkpoint).download(Path(tmp) / "checkpoint"), views)
 
 
 def _fit_stage2(cache: dict, config: dict) -> tuple[list[dict], dict]:
@@ -51,14 +66,15 @@ def _stage2_epochs(config: ExperimentConfig) -> int:
     return config.stage2.epochs if config.stage2.enabled else 1
 
 
-def search_stage2(exp: Path, spec: SearchSpaceFile, keys: list[str], parents: dict[str, dict], caches: dict,
+def search_stage2(exp: Location, spec: SearchSpaceFile, keys: list[str], parents: dict[str, dict], caches: dict,
                   cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The second phase: each trial picks a stage-1 parent (`parents`: trial id -> its config; `caches`:
     trial id -> its cached features), then samples `keys`, whose `when` conditions are checked against
     that parent's configuration (so a condition on a stage-1 key sees the parent's sampled value)."""
-    settings = spec.search
+    settings, studies = spec.search, Studies(exp, spec.search.optuna_storage)
     study = optuna.create_study(
-        study_name="stage2", storage=study_storage(exp), sampler=make_sampler(settings), load_if_exists=resume,
+        study_name=studies.name("stage2"), storage=studies.storage(), sampler=make_sampler(settings),
+        load_if_exists=resume,
         directions=["maximize" if d == "max" else "minimize" for d in settings.directions])
     finished = [t for t in study.get_trials(deepcopy=False) if "history" in t.user_attrs or "error" in t.user_attrs]
     for ot_trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
@@ -96,7 +112,9 @@ def search_stage2(exp: Path, spec: SearchSpaceFile, keys: list[str], parents: di
         finished.append(ot_trial)
         if time.time() - last_print > 5 or launched == num_samples and not pending:
             last_print = time.time()
+            studies.save()  # a mirrored SQLite study: what a hard kill of the driver can lose is redrawn
             print(f"stage 2: {len(finished)}/{num_samples} trials finished, {len(pending)} running", flush=True)
+    studies.save()
     return stage2_tables(study, spec, keys)
 
 
@@ -150,13 +168,11 @@ def finished_stage1_run(spec: SearchSpaceFile) -> tuple[pd.DataFrame, pd.DataFra
     return pd.DataFrame([row]), frame
 
 
-def run_staged(exp: Path, spec: SearchSpaceFile, cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run_staged(exp: Location, spec: SearchSpaceFile, cluster: dict, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Search stage 1 (or take `search.staged.stage1_run`); cache features of its top-k checkpoints, ranked by
     the first search metric at each trial's best-by-validation epoch (the checkpoint stage 2 starts from);
     search stage 2 (and tau) on them. The table has a `phase` column; stage-2 rows carry their stage-1
     parent's values."""
-    from ..features import cache_features
-
     settings, staged = spec.search, spec.search.staged
     stage1_keys, stage2_keys = spec.sample_keys("stage1"), spec.sample_keys("stage2")
     base1 = with_overrides(spec.base, {"stage2.enabled": False})
@@ -174,7 +190,7 @@ def run_staged(exp: Path, spec: SearchSpaceFile, cluster: dict, resume: bool) ->
               flush=True)
         return table1, history1
     parents, caches = {}, {}
-    remote_cache = ray.remote(cache_features).options(num_cpus=settings.resources.cpus_per_worker)
+    remote_cache = ray.remote(cached_features).options(num_cpus=settings.resources.cpus_per_worker)
     for _, row in ranked.iterrows():
         config = with_overrides(base1, sampled_values(row, stage1_keys))
         parents[row["trial_id"]] = config.model_dump()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from pathlib import Path
 
 from ray import tune
 
 from ..config import ExperimentConfig, with_overrides
 from ..space import SearchSettings
+from ..storage import Location
 from ..train import TrainingDiverged, train
 from .results import planned_epochs
 
@@ -105,7 +104,7 @@ def trial(sampled: dict, base: dict, settings: dict, worker: dict, train_storage
     trainer.fit()
 
 
-def drop_unregistered_checkpoints(train_storage: Path) -> None:
+def drop_unregistered_checkpoints(train_storage: Location) -> None:
     """Delete, in each Ray Train run under `train_storage` (one per multi-worker trial), the checkpoint folders
     its checkpoint manager does not hold. When a worker group fails, rank 0 may have uploaded checkpoints of
     epochs whose reports the controller never took (the run restarts from the last registered one and trains
@@ -118,15 +117,16 @@ def drop_unregistered_checkpoints(train_storage: Path) -> None:
     level = noisy.level
     noisy.setLevel(logging.WARNING)  # Result.from_path announces the snapshot it loads
     try:
-        for run in sorted(p for p in train_storage.glob("*") if p.is_dir()):
+        for name in train_storage.children():
+            run = train_storage / name
             try:
                 result = Result.from_path(str(run))
-            except RuntimeError:  # a run that never reported a checkpoint
+            except (RuntimeError, FileNotFoundError, NotADirectoryError):  # no checkpoint reported; a file
                 continue
-            kept = {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints or []}
-            for folder in run.glob("checkpoint_*"):
-                if folder.is_dir() and folder.name not in kept:
-                    shutil.rmtree(folder, ignore_errors=True)
+            kept = {checkpoint.path.rstrip("/").rsplit("/", 1)[-1] for checkpoint, _ in result.best_checkpoints or []}
+            for folder in run.children():
+                if folder.startswith("checkpoint_") and folder not in kept:
+                    (run / folder).delete()
     finally:
         noisy.setLevel(level)
 

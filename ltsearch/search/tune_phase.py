@@ -1,9 +1,12 @@
 """A Tune experiment of `trials`: Optuna (TPE, NSGA-II or random) suggests, ASHA stops early, and the
-Optuna study in `optuna.db` records each trial as it ended: COMPLETE, PRUNED (stopped by ASHA, with its
-per-epoch intermediate values) or FAIL (diverged or errored)."""
+Optuna study (`optuna.db`, or a database server: `studies.py`) records each trial as it ended: COMPLETE,
+PRUNED (stopped by ASHA, with its per-epoch intermediate values) or FAIL (diverged or errored). The
+experiment may live in a local folder or in object storage (`ltsearch.storage.Location`): Tune stores
+through pyarrow either way."""
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import functools
 import json
 import math
@@ -21,18 +24,20 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
+from ..storage import Location
 from .loggers import logger_callbacks
 from .resources import trial_resources
 from .results import planned_epochs, trial_row
+from .studies import Studies
 from .trials import drop_unregistered_checkpoints, grid_trial, trial
 
-__all__ = ["make_sampler", "results_table", "run_grid", "run_phase", "study_storage"]
+__all__ = ["make_sampler", "results_table", "run_grid", "run_phase"]
 
 _Finished = optuna.exceptions.UpdateFinishedTrialError
-
-
-def study_storage(exp: Path) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
+# The studies of the phase this driver runs. Tune pickles the searcher with the storage it was made with;
+# a driver that resumes (perhaps on another machine, with the SQLite copy at another path) re-points it
+# here, and the searcher's saves copy a mirrored SQLite study to the experiment.
+_active: dict[str, Studies] = {}
 
 
 class _LtOptunaSearch(OptunaSearch):
@@ -43,14 +48,26 @@ class _LtOptunaSearch(OptunaSearch):
       last result: `epoch` below `total_epochs`, or a `diverged` reason.
     - Intermediate values are reported at the global `epoch`, not at Tune's `training_iteration`, which a
       trial restarted from its checkpoint counts again from 1.
-    - The SQLite study can be ahead of Tune's saved searcher state after a hard kill of the driver (the
-      study commits every ask and tell at once, Tune saves the searcher every few seconds). On restore,
-      trials the study started that Tune never recorded are failed (Tune will not run them), and late
-      reports for trials the study already finished are dropped instead of crashing.
+    - The study can be ahead of Tune's saved searcher state after a hard kill of the driver (the study
+      commits every ask and tell at once, Tune saves the searcher every few seconds). On restore, trials
+      the study started that Tune never recorded are failed (Tune will not run them), and late reports
+      for trials the study already finished are dropped instead of crashing. A SQLite study mirrored to
+      object storage is copied there at every save of the searcher, so it is never behind it either.
     """
+
+    def save(self, checkpoint_path: str) -> None:
+        super().save(checkpoint_path)
+        if "studies" in _active:
+            _active["studies"].save()
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        if "studies" in _active:  # the storage of this driver, not the pickled one of the first
+            studies = _active["studies"]
+            self._storage = studies.storage()
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                               sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
+            self._ot_trials = {tid: optuna.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
         known = {t.number for t in self._ot_trials.values()}
         for ot_trial in self._ot_study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             if ot_trial.number not in known:
@@ -95,7 +112,7 @@ def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
                                       multivariate=True, group=True)
 
 
-def _trainable(exp: Path, spec: SearchSpaceFile, base: ExperimentConfig, cluster: dict, function=trial,
+def _trainable(exp: Location, spec: SearchSpaceFile, base: ExperimentConfig, cluster: dict, function=trial,
                **parameters):
     """`function` as a Tune trainable with `base`, the settings, one worker's resources and `parameters`
     bound, requesting what one trial holds; and how many trials run at once."""
@@ -118,7 +135,7 @@ _START_LOCK = Path(tempfile.gettempdir()) / f"ltsearch-tune-start-{os.getuid()}.
 _held: list = []  # the open lock file while this driver holds it
 
 
-def _fit(tuner: tune.Tuner, exp: Path) -> tune.ResultGrid:
+def _fit(tuner: tune.Tuner, exp: Location) -> tune.ResultGrid:
     """`tuner.fit()` of a new run, started in a second no other ltsearch driver on this machine started in."""
     lock = open(_START_LOCK, "a")  # noqa: SIM115 (closed by _release_start: from Tune's callback, or below)
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -131,7 +148,7 @@ def _fit(tuner: tune.Tuner, exp: Path) -> tune.ResultGrid:
     return grid
 
 
-def _restore(exp: Path, phase: str, trainable) -> tune.ResultGrid:
+def _restore(exp: Location, phase: str, trainable) -> tune.ResultGrid:
     """Continue the Tune run `exp/phase` (its finished trials kept, the others from their checkpoints)."""
     _check_saved_state(exp / phase)
     grid = tune.Tuner.restore(str(exp / phase), trainable, resume_unfinished=True, resume_errored=True).fit()
@@ -154,14 +171,16 @@ class _ReleaseStart(tune.Callback):
         _release_start()
 
 
-def _check_saved_state(phase_path: Path) -> None:
+def _check_saved_state(phase_path: Location) -> None:
     """Refuse to resume from a cut-off Tune state (Tune copies its state files into the experiment without a
     temporary file, so a disk that fills up during the copy cuts them): Tune would log the error and start
     the phase over, and the tables would then list only the new trials."""
+    names = phase_path.children()
     for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
-        newest = max(phase_path.glob(pattern), default=None)  # the one Tune restores from
+        newest = max(fnmatch.filter(names, pattern), default=None)  # the one Tune restores from
         if newest is None:
             continue
+        newest = phase_path / newest
         data = newest.read_bytes()
         try:  # the experiment state is JSON; the other two are pickles (whatever their name says)
             json.loads(data) if pattern.startswith("experiment_") else list(pickletools.genops(data))
@@ -171,7 +190,7 @@ def _check_saved_state(phase_path: Path) -> None:
                               "new --name") from None
 
 
-def _run_config(settings: SearchSettings, phase: str, exp: Path, reporter: tune.CLIReporter) -> tune.RunConfig:
+def _run_config(settings: SearchSettings, phase: str, exp: Location, reporter: tune.CLIReporter) -> tune.RunConfig:
     return tune.RunConfig(
         name=phase, storage_path=str(exp), verbose=1, progress_reporter=reporter,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
@@ -179,13 +198,14 @@ def _run_config(settings: SearchSettings, phase: str, exp: Path, reporter: tune.
         callbacks=[_ReleaseStart(), *logger_callbacks(settings, exp, phase)])
 
 
-def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
+def run_phase(exp: Location, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
               base: ExperimentConfig, num_samples: int, max_epochs: int, cluster: dict,
               resume: bool) -> tune.ResultGrid:
     """One Tune experiment `exp/phase` of trials searching `space` on top of `base`; ASHA's horizon is
     `max_epochs`, the most epochs any sampled configuration can plan."""
     settings = spec.search
     trainable, concurrent = _trainable(exp, spec, base, cluster)
+    studies = _active["studies"] = Studies(exp, settings.optuna_storage)
     if resume and tune.Tuner.can_restore(str(exp / phase)):
         return _restore(exp, phase, trainable)
 
@@ -194,7 +214,7 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
         space=functools.partial(suggest, space=space, base=flat_config(base)),  # picklable: Tune saves it
         metric=settings.metrics if multi else settings.metrics[0],
         mode=settings.directions if multi else settings.directions[0],
-        sampler=make_sampler(settings), study_name=phase, storage=study_storage(exp))
+        sampler=make_sampler(settings), study_name=studies.name(phase), storage=studies.storage())
     scheduler = (ASHAScheduler(time_attr="epoch", metric=settings.metrics[0], mode=settings.directions[0],
                                max_t=max_epochs, grace_period=settings.scheduler.grace_period,
                                reduction_factor=settings.scheduler.reduction_factor)
@@ -213,7 +233,7 @@ def run_phase(exp: Path, phase: str, spec: SearchSpaceFile, space: dict[str, Dis
     return _fit(tuner, exp)
 
 
-def run_grid(exp: Path, phase: str, spec: SearchSpaceFile, base: ExperimentConfig, runs: dict[str, dict],
+def run_grid(exp: Location, phase: str, spec: SearchSpaceFile, base: ExperimentConfig, runs: dict[str, dict],
              cluster: dict, resume: bool) -> tune.ResultGrid:
     """One Tune experiment `exp/phase` with one trial per entry of `runs` (run name -> dotted values on top
     of `base`): a grid, no searcher, no early stopping (every run goes to its end). `resume` continues an
@@ -260,7 +280,15 @@ def results_table(grid: tune.ResultGrid, settings: SearchSettings, keys: list[st
         if runs is not None:
             row["run"] = result.config["run"]
         if frame is not None and len(frame):
-            row["checkpoint"] = (result.checkpoint.path if result.checkpoint
-                                 else frame.iloc[-1].get("checkpoint_path"))
+            row["checkpoint"] = _checkpoint_location(result.checkpoint) if result.checkpoint else None
         rows.append(row)
     return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+
+
+def _checkpoint_location(checkpoint: tune.Checkpoint) -> str:
+    """A checkpoint's folder as a local path or, in object storage, as a URI (`s3://bucket/...`)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return str(Location("", _fs=checkpoint.filesystem, _path=checkpoint.path))
