@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,6 +164,16 @@ class SearchSettings(StrictModel):
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # experiment tracking
     mlflow_tracking_uri: str | None = None  # None: SQLite in the experiment folder (mlflow.db)
     confirm: Confirm | None = None  # None: the search's best single run is the choice
+    # SQLAlchemy URL of the Optuna studies' database (postgresql://user@host/db); None: SQLite, in the
+    # experiment folder, or copied there from the driver's disk when the experiment is in object storage
+    optuna_storage: str | None = None
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _database_url(cls, url):
+        if url is not None and not re.match(r"^[a-z][a-z0-9+]*://", url):
+            raise ValueError(f"{url!r} is not a database URL (e.g. postgresql://user@host:5432/optuna)")
+        return url
 
     @field_validator("metric")
     @classmethod
