@@ -15,7 +15,7 @@ epochs, 1 CPU each, 2 at a time, against the same runs of `python -m ltsearch tr
 Then where the time goes: the CPU seconds each process of a search uses (`cpu`); the same 3-epoch trial
 plain / through run_search.py / through run_search.py with the local Ray started without its dashboard
 (`variants`, interleaved); and the pieces: interpreter + imports (`python -X importtime`, and
-with vs without torchvision), `ltsearch.data.load_data`, one checkpoint save, one val+test evaluation.
+with vs without torchvision), `ltsearch.build.load_data`, one checkpoint save, one val+test evaluation.
 Targets: overhead < 10 s per trial, and < 10 % of a trial of 2 minutes or more.
 
     LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # about an hour on the 2-core machine (`long`: 12 min a rep)
@@ -136,8 +136,9 @@ def pieces(env: dict) -> dict:
 
     import torch
 
+    from ltsearch.build import load_data
     from ltsearch.config import ExperimentConfig
-    from ltsearch.data import MEAN, STD, TensorLoader, load_data
+    from ltsearch.data import MEAN, STD, TensorLoader
     from ltsearch.models import build_model
 
     config = ExperimentConfig.model_validate(BASE)

@@ -83,8 +83,8 @@ def local_paths(args, work: Path) -> None:
     """(i) and (ii), interleaved, in this process."""
     import torch
 
+    from ltsearch.build import load_data
     from ltsearch.config import ExperimentConfig, with_overrides
-    from ltsearch.data import load_data
     from ltsearch.features import cache_features, fit_classifier
     from ltsearch.train import train
 

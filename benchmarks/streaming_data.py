@@ -121,8 +121,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    from ltsearch.build import load_data, split_loader
     from ltsearch.config import ExperimentConfig
-    from ltsearch.data import load_data, split_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         lists = Path(args.lists or tmp)

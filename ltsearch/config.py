@@ -3,6 +3,9 @@
 Config flows one way: YAML file -> `load_config` (+ dotted overrides) -> `ExperimentConfig`
 -> `train`. Nothing writes back into a config; a search builds a new one per trial with
 `with_overrides`.
+
+Names (models, losses, samplers, datasets) are checked against `ltsearch.catalog`, so validating a config
+loads no torch. The parts never see a config: `ltsearch.build` turns one into their plain arguments.
 """
 from __future__ import annotations
 
@@ -22,6 +25,16 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_validator,
+)
+
+from .catalog import (
+    CIFAR_DATASETS,
+    IMAGE_DATASETS,
+    LIST_DATASETS,
+    LOSS_NAMES,
+    MODEL_NAMES,
+    REWEIGHTABLE,
+    SAMPLER_NAMES,
 )
 
 __all__ = [
@@ -55,38 +68,26 @@ class StrictModel(BaseModel):
 
 
 def _known_model(name: str) -> str:
-    from .models import MODELS
-
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODEL_NAMES)}")
     return name
 
 
 def _known_loss(name: str) -> str:
-    from .losses import LOSSES
-
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSS_NAMES)}")
     return name
 
 
 def _known_sampler(name: str) -> str:
-    from .data import SAMPLERS
-
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLER_NAMES)}")
     return name
 
 
 ModelName = Annotated[str, AfterValidator(_known_model)]
 LossName = Annotated[str, AfterValidator(_known_loss)]
 SamplerName = Annotated[str, AfterValidator(_known_sampler)]
-
-
-CIFAR_DATASETS = ("cifar10", "cifar100")
-# Image datasets (ltsearch/images.py): list files (image_list and the presets, which only fill in the standard
-# list names), and image folders.
-LIST_DATASETS = ("image_list", "imagenet_lt", "places_lt", "inat2018")
 
 
 class DataConfig(StrictModel):
@@ -166,8 +167,6 @@ class DataConfig(StrictModel):
             if value is not None:
                 raise ValueError(f"list files are for {', '.join(LIST_DATASETS)}; dataset is {dataset}")
             return value
-        from .images import IMAGE_DATASETS
-
         value = value if value is not None else getattr(IMAGE_DATASETS[dataset], info.field_name)
         if value is None and info.field_name == "train_list":
             raise ValueError(f"dataset {dataset} needs train_list, a file of 'relative/path.jpg label' lines")
@@ -242,8 +241,6 @@ class Stage1Config(StrictModel):
     @field_validator("drw_epoch")
     @classmethod
     def _drw_needs_an_unweighted_loss(cls, drw_epoch: int | None, info: ValidationInfo) -> int | None:
-        from .losses import REWEIGHTABLE
-
         loss = info.data.get("loss")
         if drw_epoch is not None and loss is not None and loss not in REWEIGHTABLE:
             raise ValueError(f"deferred re-weighting needs a loss without class weights ({', '.join(REWEIGHTABLE)}); "

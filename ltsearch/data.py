@@ -1,12 +1,13 @@
-"""Long-tailed data: CIFAR readers, long-tail subsampling, batch augmentation, a tensor loader, and the one
-entry point (`load_data`, `split_loader`) for every dataset a config can name.
+"""Long-tailed data: CIFAR readers, long-tail subsampling and the validation split, batch augmentation, the
+epoch order every loader shares (`EpochBatches`) and the tensor loader. Plain arguments only: a config's data
+and loaders are built by `ltsearch.build` (`load_data`, `split_loader`).
 
 CIFAR stays in tensors, airbench-style: a split's images are ONE uint8 tensor (N, 3, H, W), kept on
 the training device; augmentation works on whole batches with tensor ops; each epoch's order is a
 permutation seeded from (seed, epoch) alone, so a resumed run sees exactly the batches it would have seen.
 There is no PIL, no DataLoader and no worker process. Datasets of image files (list files, image folders)
-are read by `ltsearch.images`: small images into the same uint8 tensors, large ones streamed from their
-files by DataLoader workers, with the same (seed, epoch) order and rank sharding (`EpochBatches`).
+are read by `ltsearch.images`, which builds on this module: small images into the same uint8 tensors, large
+ones streamed from their files by DataLoader workers, with the same (seed, epoch) order and rank sharding.
 
 The CIFAR pickles are read directly instead of through torchvision's dataset classes, because those verify
 checksums and reject re-encoded copies such as the shared offline CIFAR-10 (see shared/data/README.md).
@@ -16,19 +17,17 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
-    from .images import ImageFiles, StreamLoader
+from .catalog import MEAN, STD, DataError, normalization
 
 __all__ = [
     "DATASETS",
@@ -43,7 +42,6 @@ __all__ = [
     "TensorLoader",
     "default_root",
     "epoch_indices",
-    "load_data",
     "load_longtail",
     "load_split",
     "lt_class_counts",
@@ -52,14 +50,9 @@ __all__ = [
     "random_crop_flip",
     "resolve_root",
     "shot_groups",
-    "split_loader",
     "split_longtail",
     "tercile_groups",
 ]
-
-
-class DataError(ValueError):
-    """A dataset is missing, corrupted, unknown or could not be downloaded."""
 
 
 @dataclass(frozen=True)
@@ -88,26 +81,6 @@ DATASETS: dict[str, DatasetSpec] = {
         meta_file="meta", label_key=b"fine_labels", names_key=b"fine_label_names",
         per_class_train=500, torchvision_class="CIFAR100"),
 }
-
-MEAN: dict[str, tuple[float, float, float]] = {
-    "cifar10": (0.4914, 0.4822, 0.4465),
-    "cifar100": (0.5071, 0.4865, 0.4409),
-}
-STD: dict[str, tuple[float, float, float]] = {
-    "cifar10": (0.2470, 0.2435, 0.2616),
-    "cifar100": (0.2673, 0.2564, 0.2762),
-}
-
-
-def normalization(dataset: str) -> dict[str, tuple[float, float, float]]:
-    """`{"mean": ..., "std": ...}` of a dataset (CIFAR, or an image dataset of `ltsearch.images`), as the
-    loaders take them."""
-    if dataset in MEAN:
-        return {"mean": MEAN[dataset], "std": STD[dataset]}
-    from .images import IMAGE_DATASETS
-
-    return {"mean": IMAGE_DATASETS[dataset].mean, "std": IMAGE_DATASETS[dataset].std}
-
 
 class RawSplits(NamedTuple):
     """The full official train pool and test set of one dataset."""
@@ -285,14 +258,15 @@ def split_longtail(labels: Tensor, counts: list[int], val_per_class: int = 20,
 class LongTailData:
     """A long-tailed train set, a validation set (balanced unless a list says otherwise) and the test set.
 
-    Images are uint8 tensors (N, 3, H, W) held in memory, or `ImageFiles` read as they are needed (streamed);
-    labels are always int64 tensors."""
+    Images are uint8 tensors (N, 3, H, W) held in memory, or files read as they are needed (streamed:
+    `ltsearch.images.ImageFiles`, typed here by what this module needs of it, a length); labels are always
+    int64 tensors."""
 
-    train_x: Tensor | ImageFiles
+    train_x: Tensor | Sized
     train_y: Tensor
-    val_x: Tensor | ImageFiles
+    val_x: Tensor | Sized
     val_y: Tensor
-    test_x: Tensor | ImageFiles
+    test_x: Tensor | Sized
     test_y: Tensor
     class_counts: list[int]  # actual per-class train counts, after validation took its share
     class_names: list[str]
@@ -318,19 +292,6 @@ def load_longtail(dataset: str, root: str | Path | None = None, download: bool =
         test_x=raw.test_x, test_y=raw.test_y,
         class_counts=torch.bincount(train_y, minlength=spec.num_classes).tolist(),
         class_names=raw.class_names, num_classes=spec.num_classes)
-
-
-def load_data(config: ExperimentConfig) -> LongTailData:
-    """The long-tailed data an experiment config describes (its `data` section): CIFAR from its pickles,
-    image datasets through `ltsearch.images.load_images` (file paths checked, small images decoded)."""
-    d = config.data
-    if d.dataset not in DATASETS:
-        from .images import load_images
-
-        return load_images(config)
-    return load_longtail(d.dataset, root=d.root, download=d.download, imbalance_factor=d.imbalance_factor,
-                         profile=d.profile, val_per_class=d.val_per_class, subset_seed=d.subset_seed,
-                         n_max=d.n_max)
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
@@ -373,7 +334,7 @@ SAMPLERS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
     "instance": lambda labels, generator: torch.randperm(len(labels), generator=generator),
     "class_balanced": _class_power(0.0),
     "sqrt": _class_power(0.5),
-}
+}  # the names of `catalog.SAMPLER_NAMES`, which a config is validated against
 
 
 def epoch_indices(labels: Tensor, sampler: str, seed: int, epoch: int) -> Tensor:
@@ -476,20 +437,3 @@ def normalize(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool) -> Tens
     x = x.float().div_(255).sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-
-def split_loader(config: ExperimentConfig, data: LongTailData, split: str, batch_size: int, *, train: bool,
-                 sampler: str = "instance", device: str | torch.device = "cpu", rank: int = 0,
-                 world_size: int = 1) -> TensorLoader | StreamLoader:
-    """The loader of `split` ("train", "val" or "test") of `data`: a `TensorLoader` over images held in
-    memory (CIFAR; image datasets on the memory pipeline, whose crop padding is image_size / 8, 4 px at 32 px),
-    else an `ltsearch.images.StreamLoader` decoding the files. Seed and memory format come from `config`."""
-    x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
-    common = {**normalization(config.data.dataset), "train": train, "seed": config.trainer.seed,
-              "device": device, "channels_last": config.trainer.channels_last, "rank": rank,
-              "world_size": world_size, "sampler": sampler}
-    if isinstance(x, Tensor):
-        padding = 4 if config.data.image_size is None else config.data.image_size // 8
-        return TensorLoader(x, y, batch_size, padding=padding, **common)
-    from .images import stream_loader
-
-    return stream_loader(config, x, y, batch_size, **common)

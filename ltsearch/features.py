@@ -20,11 +20,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .build import load_data, model_from_config, split_loader
 from .config import ExperimentConfig
-from .data import epoch_indices, load_data, split_loader
+from .data import epoch_indices
 from .files import CHECKPOINT_FILE
 from .metrics import class_groups, classifier_metrics
-from .models import LTClassifier, model_from_config
+from .models import LTClassifier
 from .optim import classifier_head, classifier_setup, train_epoch
 
 __all__ = ["FEATURE_DTYPE", "cache_features", "fit_classifier"]

@@ -1,12 +1,13 @@
 """Image datasets read from files: list files (ImageNet-LT, Places-LT, iNaturalist 2018, your own) and image
-folders, held in memory or streamed from their files.
+folders, held in memory or streamed from their files. Plain arguments only (a config's are passed by
+`ltsearch.build`); the long-tail subset, the validation split and the epoch order come from `ltsearch.data`.
 
 A **list dataset** is one text file per split in the classifier-balancing format (Kang et al. 2020), each line
 ``relative/path.jpg label``, paths relative to ``data.root``; the presets `imagenet_lt`, `places_lt` and
-`inat2018` only fill in the standard list names (`IMAGE_DATASETS`). Classes are 0..C-1 of the train list,
-which gives the class counts (shot groups, terciles). Without a validation list (inat2018, whose val list is
-its test set) a balanced validation set of `data.val_per_class` images per class is taken from the train list
-(`data.split_longtail`: the last ones of each class in list order, or a seeded choice). An **image folder** is
+`inat2018` only fill in the standard list names (`catalog.IMAGE_DATASETS`). Classes are 0..C-1 of the train
+list, which gives the class counts (shot groups, terciles). Without a validation list (inat2018, whose val list
+is its test set) a balanced validation set of `data.val_per_class` images per class is taken from the train
+list (`data.split_longtail`: the last ones of each class in list order, or a seeded choice). An **image folder** is
 ``root/train/<class>/**/*.jpg`` (classes in sorted folder order, as torchvision's ImageFolder), optional
 ``val/`` and ``test/`` with the same class folders; it is subsampled to a long tail as CIFAR is.
 
@@ -33,57 +34,24 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from .data import DataError, EpochBatches, LongTailData, lt_class_counts, normalize, split_longtail
-
-if TYPE_CHECKING:
-    from .config import DataConfig, ExperimentConfig
+from .catalog import IMAGE_DATASETS, DataError
+from .data import EpochBatches, LongTailData, lt_class_counts, normalize, split_longtail
 
 __all__ = [
     "IMAGE_DATASETS",
     "MEMORY_MAX_SIZE",
-    "ImageDatasetSpec",
     "ImageFiles",
     "StreamLoader",
     "decode_all",
-    "decode_workers",
     "load_images",
-    "pipeline",
     "read_list",
-    "stream_loader",
 ]
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ImageDatasetSpec:
-    """The standard list names of an image dataset and the normalisation and colour jitter the
-    normalized-BN code uses for it."""
-
-    train_list: str | None = None
-    val_list: str | None = None
-    test_list: str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    color_jitter: float = 0.4  # brightness, contrast and saturation strength of the training jitter; 0: none
-
-
-IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
-    "image_list": ImageDatasetSpec(),
-    "image_folder": ImageDatasetSpec(),
-    "imagenet_lt": ImageDatasetSpec("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
-    "places_lt": ImageDatasetSpec("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
-    # iNaturalist 2018 has train and val lists only: val is the test set, validation comes from train
-    "inat2018": ImageDatasetSpec("iNaturalist18_train.txt", None, "iNaturalist18_val.txt",
-                                 mean=(0.466, 0.471, 0.380), std=(0.195, 0.194, 0.192), color_jitter=0.0),
-}
 
 MEMORY_MAX_SIZE = 64  # pipeline auto: images up to this side (px) are held in memory, larger ones streamed
 
@@ -171,19 +139,23 @@ def _class_names(files: ImageFiles, labels: Tensor, num_classes: int) -> list[st
     return names if len(set(names)) == num_classes else [str(c) for c in range(num_classes)]
 
 
-def _balanced_split(labels: Tensor, counts: list[int], d: DataConfig, source: str) -> tuple[Tensor, Tensor]:
+def _balanced_split(labels: Tensor, counts: list[int], val_per_class: int, seed: int | None,
+                    source: str) -> tuple[Tensor, Tensor]:
     try:
-        return split_longtail(labels, counts, d.val_per_class, d.subset_seed)
+        return split_longtail(labels, counts, val_per_class, seed)
     except ValueError as err:
         raise DataError(f"data.val_per_class: {source}: {err}; lower data.val_per_class or give the dataset "
                         "a validation set") from None
 
 
-def _list_splits(d: DataConfig) -> tuple[dict[str, tuple[ImageFiles, Tensor]], list[str], int]:
-    root = Path(d.root)
+Splits = dict[str, tuple[ImageFiles, Tensor]]  # split name -> (its images, their labels)
+
+
+def _list_splits(root: Path, train_list: str, val_list: str | None, test_list: str | None, val_per_class: int,
+                 subset_seed: int | None) -> tuple[Splits, list[str], int]:
     if not root.is_dir():
         raise DataError(f"data.root: {root}: folder not found")
-    train, train_y = read_list(root, d.train_list, "train_list")
+    train, train_y = read_list(root, train_list, "train_list")
     num_classes = int(train_y.max()) + 1
     pool = torch.bincount(train_y, minlength=num_classes)
     if (pool == 0).any():
@@ -191,7 +163,7 @@ def _list_splits(d: DataConfig) -> tuple[dict[str, tuple[ImageFiles, Tensor]], l
         raise DataError(f"{train.source}: class {c} has no image (labels must run from 0 to {num_classes - 1} "
                         "without gaps)")
     splits = {}
-    for split, name in (("val", d.val_list), ("test", d.test_list)):
+    for split, name in (("val", val_list), ("test", test_list)):
         if name is None:
             continue
         files, y = read_list(root, name, f"{split}_list")
@@ -201,8 +173,8 @@ def _list_splits(d: DataConfig) -> tuple[dict[str, tuple[ImageFiles, Tensor]], l
             raise DataError(f"{files.source} line {int(files.lines[i])}: label {int(y[i])} is not a class of "
                             f"the train list {train.source} (labels 0..{num_classes - 1})")
         splits[split] = (files, y)
-    if d.val_list is None:
-        train_idx, val_idx = _balanced_split(train_y, pool.tolist(), d, train.source)
+    if val_list is None:
+        train_idx, val_idx = _balanced_split(train_y, pool.tolist(), val_per_class, subset_seed, train.source)
         splits["val"] = (train.subset(val_idx), train_y[val_idx])
         splits["train"] = (train.subset(train_idx), train_y[train_idx])
     else:
@@ -233,8 +205,8 @@ def _classes(folder: Path) -> list[str]:
                         "val/<class>/ and test/<class>/)") from None
 
 
-def _folder_splits(d: DataConfig) -> tuple[dict[str, tuple[ImageFiles, Tensor]], list[str], int]:
-    root = Path(d.root)
+def _folder_splits(root: Path, imbalance_factor: float, profile: str, n_max: int | None, val_per_class: int,
+                   subset_seed: int | None) -> tuple[Splits, list[str], int]:
     if not (root / "train").is_dir():
         raise DataError(f"data.root: {root / 'train'}: folder not found (an image folder is train/<class>/*.jpg, "
                         "with optional val/ and test/)")
@@ -251,41 +223,38 @@ def _folder_splits(d: DataConfig) -> tuple[dict[str, tuple[ImageFiles, Tensor]],
         splits[split] = _scan(folder, class_to_idx, allow_empty=True)
     train, train_y = _scan(root / "train", class_to_idx, allow_empty=False)
     pool = torch.bincount(train_y, minlength=len(classes))
-    counts = lt_class_counts(d.n_max or int(pool.max()), len(classes), d.imbalance_factor, d.profile)
+    counts = lt_class_counts(n_max or int(pool.max()), len(classes), imbalance_factor, profile)
     if "val" in splits:  # the long-tailed subset only: nothing to hold out
-        train_idx, _ = split_longtail(train_y, counts, 0, d.subset_seed)
+        train_idx, _ = split_longtail(train_y, counts, 0, subset_seed)
     else:
-        train_idx, val_idx = _balanced_split(train_y, counts, d, str(root / "train"))
+        train_idx, val_idx = _balanced_split(train_y, counts, val_per_class, subset_seed, str(root / "train"))
         splits["val"] = (train.subset(val_idx), train_y[val_idx])
     splits["train"] = (train.subset(train_idx), train_y[train_idx])
     return splits, classes, len(classes)
 
 
-def pipeline(config: ExperimentConfig) -> str:
-    """`memory` or `stream`: `data.pipeline`, with auto resolved by `MEMORY_MAX_SIZE`."""
-    d = config.data
-    if d.pipeline != "auto":
-        return d.pipeline
-    return "memory" if d.image_size <= MEMORY_MAX_SIZE else "stream"
-
-
-def decode_workers(config: ExperimentConfig) -> int:
-    """DataLoader worker processes decoding images for one rank: `data.workers`, else the trainer's threads
-    (a Tune trial sets those to its CPUs), else every CPU this process may use."""
-    if config.data.workers is not None:
-        return config.data.workers
-    return config.trainer.num_threads or len(os.sched_getaffinity(0))
-
-
-def load_images(config: ExperimentConfig) -> LongTailData:
-    """The data of an image dataset config: paths checked, and with the memory pipeline decoded."""
-    d = config.data
-    splits, class_names, num_classes = (_folder_splits if d.dataset == "image_folder" else _list_splits)(d)
+def load_images(dataset: str, root: str | Path, *, train_list: str | None = None, val_list: str | None = None,
+                test_list: str | None = None, imbalance_factor: float = 1.0, profile: str = "exp",
+                n_max: int | None = None, val_per_class: int = 20, subset_seed: int | None = None,
+                decode_size: int | None = None, workers: int = 0) -> LongTailData:
+    """The data of an image dataset (the `data` keys of the same names; README, "Your own dataset"), every
+    path checked. `image_folder` is subsampled to a long tail by `imbalance_factor`, `profile` and `n_max` as
+    CIFAR is; a list dataset (any other name) is used as `train_list` says. Without a validation list or val/
+    folder, `val_per_class` images per class are held out of train (`subset_seed`: None, the last in file
+    order). `decode_size`: every image decoded (short side resized to it, centre crop) into uint8 tensors by
+    `workers` processes, the memory pipeline; None keeps the files, to be streamed."""
+    root = Path(root)
+    if dataset == "image_folder":
+        splits, class_names, num_classes = _folder_splits(root, imbalance_factor, profile, n_max, val_per_class,
+                                                          subset_seed)
+    else:
+        splits, class_names, num_classes = _list_splits(root, train_list, val_list, test_list, val_per_class,
+                                                        subset_seed)
     empty = (ImageFiles(np.array([], dtype=str), ""), torch.zeros(0, dtype=torch.int64))
     train, val, test = (splits.get(s, empty) for s in ("train", "val", "test"))
     images = [files for files, _ in (train, val, test)]
-    if pipeline(config) == "memory":
-        images = [decode_all(files, d.image_size, decode_workers(config)) for files in images]
+    if decode_size is not None:
+        images = [decode_all(files, decode_size, workers) for files in images]
     return LongTailData(
         train_x=images[0], train_y=train[1], val_x=images[1], val_y=val[1], test_x=images[2], test_y=test[1],
         class_counts=torch.bincount(train[1], minlength=num_classes).tolist(), class_names=class_names,
@@ -426,11 +395,3 @@ class StreamLoader(EpochBatches):
             x = x.to(self.device, non_blocking=True)
             yield normalize(x, self.mean, self.std, self.channels_last), y.to(self.device, non_blocking=True)
 
-
-def stream_loader(config: ExperimentConfig, files: ImageFiles, labels: Tensor, batch_size: int,
-                  **kwargs) -> StreamLoader:
-    """A `StreamLoader` with `config`'s image size, colour jitter and decoding workers (`kwargs`: the rest of
-    `StreamLoader`'s arguments)."""
-    return StreamLoader(files, labels, batch_size, image_size=config.data.image_size,
-                        color_jitter=IMAGE_DATASETS[config.data.dataset].color_jitter,
-                        workers=decode_workers(config), **kwargs)

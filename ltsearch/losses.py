@@ -1,5 +1,5 @@
-"""Losses for long-tailed training, registered in `LOSSES` and built by `build_loss` (or, from a stage's
-config section, `loss_from_config`).
+"""Losses for long-tailed training, registered in `LOSSES` and built by `build_loss` (from a stage's config
+section: `ltsearch.build.loss_from_config`).
 
 The class-balanced losses follow Cui et al. (CVPR 2019) as used by the weight-balancing code:
 per-class weights from the effective number of samples, normalised to sum to the number of classes.
@@ -13,18 +13,14 @@ how deferred re-weighting (`DeferredReweighting`, LDAM-DRW's schedule) switches 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .config import Stage1Config, Stage2Config
+from .catalog import REWEIGHTABLE
 
 __all__ = [
     "LOSSES", "REWEIGHTABLE", "DeferredReweighting", "build_loss", "class_balanced_weights", "ldam_margins",
-    "loss_from_config",
 ]
 
 
@@ -153,10 +149,9 @@ LOSSES: dict[str, type[nn.Module]] = {
     "cb_ce": ClassBalancedCE,
     "cb_softmax_bce": ClassBalancedSoftmaxBCE,
     "cb_focal": ClassBalancedFocal,
-}
-# Losses that take a per-class `weight` when called, so deferred re-weighting applies to them (the cb_*
-# losses carry their class-balanced weights from the start).
-REWEIGHTABLE = ("ce", "balanced_softmax", "logit_adjusted", "ldam")
+}  # the names of `catalog.LOSS_NAMES`, which a config is validated against
+# REWEIGHTABLE (from the catalog, for config validation): the losses that take a per-class `weight` when called,
+# so deferred re-weighting applies to them (the cb_* losses carry their class-balanced weights from the start)
 
 
 def build_loss(name: str, class_counts, beta: float = 0.9999, gamma: float = 0.0, *,
@@ -187,15 +182,3 @@ class DeferredReweighting(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.loss(logits, target, weight=self.weights if self.active else None)
 
-
-def loss_from_config(cfg: Stage1Config | Stage2Config, class_counts) -> nn.Module:
-    """The loss of one stage's config section with its parameters; stage 1 with `drw_epoch` set wraps it in
-    `DeferredReweighting` with class-balanced weights of `drw_beta`."""
-    params = {"label_smoothing": cfg.label_smoothing, "logit_adjust_tau": cfg.logit_adjust_tau,
-              "ldam_max_margin": cfg.ldam_max_margin, "ldam_scale": cfg.ldam_scale}
-    if hasattr(cfg, "focal_gamma"):  # stage 2 has the class-balanced losses' beta and focal gamma
-        params.update(beta=cfg.beta, gamma=cfg.focal_gamma)
-    loss = build_loss(cfg.loss, class_counts, **params)
-    if getattr(cfg, "drw_epoch", None) is None:
-        return loss
-    return DeferredReweighting(loss, class_balanced_weights(class_counts, cfg.drw_beta), cfg.drw_epoch)

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +27,10 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-if TYPE_CHECKING:
-    from .config import ModelConfig
-
 __all__ = [
     "CLASSIFIERS", "CLASSIFIER_BN", "MODELS", "ClassScale", "CosineLinear", "LTClassifier", "NormalizedBatchNorm2d",
     "SharedScale", "ZeroPadShortcut", "build_model", "cifar_resnet", "cifar_resnet_a", "convert_last_stage_to_nbn",
-    "model_from_config", "nbn_parameters", "torchvision_resnet",
+    "nbn_parameters", "torchvision_resnet",
 ]
 
 # Added to the L2 norms in NBN, as in the paper's reference code. BN biases start at zero, and
@@ -253,7 +249,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34_cifar": partial(cifar_resnet, [3, 4, 6, 3], (64, 128, 256, 512)),
     **{name: partial(torchvision_resnet, name) for name in ("resnet50", "resnext50_32x4d")},
     **{f"resnet{depth}_a": partial(cifar_resnet_a, depth) for depth in (20, 32, 44, 56)},
-}
+}  # the names of `catalog.MODEL_NAMES`, which a config is validated against
 
 CLASSIFIER_BN: dict[str, Callable[[int], nn.Module]] = {
     "none": lambda num_classes: nn.Identity(),
@@ -393,13 +389,6 @@ def build_model(
         convert_last_stage_to_nbn(features, nbn_scale, all_bn=nbn_all_bn)
     return LTClassifier(features, num_classes, CLASSIFIER_BN[classifier_bn](num_classes), nbn_scale,
                         classifier=classifier, cosine_scale=cosine_scale)
-
-
-def model_from_config(model: ModelConfig, num_classes: int) -> LTClassifier:
-    """`build_model` with the settings of an experiment's `model` section."""
-    return build_model(model.name, num_classes, nbn=model.nbn, nbn_all_bn=model.nbn_all_bn,
-                       classifier_bn=model.classifier_bn, classifier=model.classifier,
-                       cosine_scale=model.cosine_scale)
 
 
 def nbn_parameters(model: LTClassifier) -> list[nn.Parameter]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .build import loss_from_config
 from .config import Stage2Config
-from .losses import loss_from_config
 from .models import LTClassifier
 from .regularizers import MaxNorm, relative_max_norm, weight_decay_groups
 from .schedules import lr_schedule

@@ -46,12 +46,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .build import load_data, loss_from_config, model_from_config, split_loader
 from .config import ExperimentConfig
-from .data import LongTailData, load_data, split_loader
+from .data import LongTailData
 from .files import CHECKPOINT_FILE, atomic_save
-from .losses import loss_from_config
 from .metrics import class_groups, classifier_metrics
-from .models import LTClassifier, model_from_config, nbn_parameters
+from .models import LTClassifier, nbn_parameters
 from .optim import StageSetup, classifier_setup, train_epoch
 from .regularizers import weight_decay_groups
 from .schedules import lr_schedule

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ltsearch.build import load_data, split_loader
 from ltsearch.data import (
     DATASETS,
     MEAN,
@@ -21,7 +22,6 @@ from ltsearch.data import (
     TensorLoader,
     default_root,
     epoch_indices,
-    load_data,
     load_longtail,
     load_split,
     lt_class_counts,
@@ -29,7 +29,6 @@ from ltsearch.data import (
     random_crop_flip,
     resolve_root,
     shot_groups,
-    split_loader,
     split_longtail,
     tercile_groups,
 )

@@ -16,15 +16,15 @@ import yaml
 from PIL import Image
 
 from ltsearch.__main__ import main
+from ltsearch.build import load_data, pipeline, split_loader
 from ltsearch.config import ConfigError, ExperimentConfig, load_config, validate_config, with_overrides
-from ltsearch.data import DataError, TensorLoader, load_data, split_loader
+from ltsearch.data import DataError, TensorLoader
 from ltsearch.images import (
     IMAGE_DATASETS,
     ImageFiles,
     StreamLoader,
     decode_all,
     eval_transform,
-    pipeline,
     read_list,
 )
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ltsearch.build import loss_from_config
 from ltsearch.config import Stage1Config, Stage2Config
 from ltsearch.losses import (
     LOSSES,
@@ -15,7 +16,6 @@ from ltsearch.losses import (
     build_loss,
     class_balanced_weights,
     ldam_margins,
-    loss_from_config,
 )
 
 # ---------------------------------------------------------------- class-balanced weights

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from ltsearch.build import model_from_config
 from ltsearch.config import ModelConfig
 from ltsearch.models import (
     CLASSIFIER_BN,
@@ -18,7 +19,6 @@ from ltsearch.models import (
     SharedScale,
     ZeroPadShortcut,
     build_model,
-    model_from_config,
     nbn_parameters,
 )
 from ltsearch.regularizers import tau_normalize

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ltsearch.__main__ import main
+from ltsearch.build import load_data
 from ltsearch.config import ExperimentConfig, with_overrides
-from ltsearch.data import load_data
 from ltsearch.regularizers import relative_max_norm
 from ltsearch.train import TrainingDiverged, resolve_precision, train
 

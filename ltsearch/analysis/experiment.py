@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from ..config import ExperimentConfig, with_overrides
-from ..data import load_data
 from ..files import CHECKPOINT_FILE
 from ..metrics import is_missing
 from ..space import DISTRIBUTIONS, STAGE2_PREFIXES
@@ -167,6 +166,8 @@ def class_sizes(state: dict) -> tuple[list[int], list[str]]:
     if "class_counts" in state:
         counts = state["class_counts"]
         return counts, state.get("class_names") or [str(c) for c in range(len(counts))]
+    from ..build import load_data  # deferred: it imports torch
+
     config = with_overrides(ExperimentConfig.model_validate(state["config"]), {"data.download": False})
     data = load_data(config)
     return data.class_counts, list(data.class_names)
