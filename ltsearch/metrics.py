@@ -5,7 +5,6 @@ before any ratio is taken.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from .data import shot_groups, tercile_groups
 from .regularizers import row_norms, tau_normalize
+from .selection import is_missing  # re-exported: it lived here (selection.py imports no torch)
 
 __all__ = [
     "accuracy_metrics", "class_groups", "classifier_metrics", "feature_counts", "is_missing", "metrics_from_counts",
@@ -80,7 +80,3 @@ def classifier_metrics(model, splits: dict[str, Iterable[tuple[Tensor, Tensor]]]
     out["classifier_norms"] = row_norms(weight).tolist()
     return out
 
-
-def is_missing(value) -> bool:
-    """A metric or table value that is absent: None or NaN (an absent group is missing, never 0)."""
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -40,6 +40,7 @@ __all__ = [
     "CONFIDENCE",
     "accuracy_interval",
     "confirmation_summary",
+    "is_missing",
     "metric_group",
     "needed_validation_size",
     "resolution_note",
@@ -50,6 +51,11 @@ __all__ = [
 
 CONFIDENCE = 0.95
 _Z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.95996
+
+
+def is_missing(value) -> bool:
+    """A metric or table value that is absent: None or NaN (an absent group is missing, never 0)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def wilson_interval(correct: float, n: int, z: float = _Z) -> tuple[float, float]:

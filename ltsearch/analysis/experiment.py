@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 import yaml
 
 from ..config import ExperimentConfig, with_overrides
 from ..files import CHECKPOINT_FILE
-from ..metrics import is_missing
+from ..selection import is_missing
 from ..space import DISTRIBUTIONS, STAGE2_PREFIXES
 
 __all__ = ["CONFIRM_ONLY", "OUTCOMES", "Experiment", "class_sizes", "load_experiment", "load_state"]
@@ -157,6 +156,8 @@ def _outcomes(results: pd.DataFrame, best_trial: str | None) -> pd.Series:
 
 def load_state(checkpoint: Path) -> dict:
     """The trainer's state in a checkpoint folder: best-by-validation metrics per stage, config, classes."""
+    import torch  # deferred: ~1 s to import, and only a checkpoint needs it
+
     return torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
