@@ -2,6 +2,7 @@
 
     python run_search.py search_spaces/quickstart.yaml                 # local Ray, started in-process
     python run_search.py search_spaces/wd_maxnorm.yaml --address 10.0.0.1:6379 --storage /shared/runs
+    python run_search.py search_spaces/wd_maxnorm.yaml --storage s3://bucket/ltsearch   # object storage
     python run_search.py search_spaces/quickstart.yaml --name qs --resume   # continue an interrupted run
 """
 import argparse
@@ -18,7 +19,9 @@ def main(argv=None) -> int:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--dashboard-host", default="127.0.0.1",
                         help="interface a local Ray's dashboard listens on (default: loopback only)")
-    parser.add_argument("--storage", default="runs", help="experiments folder; shared (NFS) on several nodes")
+    parser.add_argument("--storage", default="runs",
+                        help="experiments folder (shared, e.g. NFS, on several nodes) or object-storage URI "
+                             "(s3://bucket/prefix, gs://..., abfs://...)")
     parser.add_argument("--name", help="experiment name (default: <space>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--num-samples", type=int, help="override search.num_samples")

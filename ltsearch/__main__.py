@@ -1,7 +1,7 @@
 """Command line:
 
     python -m ltsearch train CONFIG.yaml [--set key=value ...] [--out DIR] [--resume]
-    python -m ltsearch report EXPERIMENT_DIR [--no-png]
+    python -m ltsearch report EXPERIMENT_DIR_OR_URI [--no-png]
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .analysis import NoSuccessfulTrialError, write_report
+    from .storage import StorageError
 
     try:
         write_report(args.experiment, png=not args.no_png)
-    except (FileNotFoundError, NoSuccessfulTrialError) as err:
+    except (OSError, StorageError, NoSuccessfulTrialError) as err:  # OSError: a store that refused the read
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.set_defaults(func=_train)
     p = commands.add_parser("report", help="write report.html and figures/*.png of a finished search")
-    p.add_argument("experiment", help="experiment folder written by run_search.py (holds results.csv)")
+    p.add_argument("experiment", help="experiment folder written by run_search.py (holds results.csv), or its "
+                                      "URI in object storage (s3://bucket/prefix/NAME)")
     p.add_argument("--no-png", action="store_true", help="skip the PNGs (they need kaleido and a Chromium)")
     p.set_defaults(func=_report)
     args = parser.parse_args(argv)

@@ -227,8 +227,8 @@ class Location:
     def check_creatable(self) -> None:
         """Refuse, in one line, a location this process cannot create files in: a local folder whose nearest
         existing ancestor is not a writable folder; a URI whose store does not answer, whose bucket does not
-        exist, or where a probe object cannot be written (credentials, permissions). Writes nothing that
-        stays."""
+        exist, or where a probe object cannot be written (credentials, permissions). Leaves no file (an
+        object store may keep an empty folder marker: an experiment there exists when it holds files)."""
         if self.fs is None:
             ancestor = Path(self.path).parent
             while not ancestor.exists():

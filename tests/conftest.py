@@ -138,13 +138,18 @@ def _free_ports(n: int) -> list[int]:
 
 def _stop_cluster(temp_dir: str) -> None:
     """Kill only the Ray processes of the cluster whose temp dir is `temp_dir` (`ray stop` kills them all)."""
-    victims = []
+    victims = {}
     for proc in psutil.process_iter(["cmdline"]):
         if any(temp_dir in part for part in proc.info["cmdline"] or []):
-            victims.append(proc)
-    for proc in victims:
-        proc.kill()
-    psutil.wait_procs(victims, timeout=10)
+            victims[proc.pid] = proc
+            try:  # the agents a raylet starts rename themselves (ray::DashboardAgent): found as its children
+                victims.update((child.pid, child) for child in proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    for proc in victims.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(list(victims.values()), timeout=10)
 
 
 def _ray_start(args: list[str], env: dict) -> None:
@@ -167,12 +172,19 @@ def two_node_cluster(tmp_path: Path, extra_env: dict | None = None):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", **(extra_env or {})}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+
+    def agent_ports() -> list[str]:  # each node's agents on ports of their own (two nodes on one machine)
+        listen, grpc, runtime_env, metrics = _free_ports(4)
+        return ["--dashboard-agent-listen-port", str(listen), "--dashboard-agent-grpc-port", str(grpc),
+                "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics)]
+
     try:
         _ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                     str(dashboard), "--ray-client-server-port", str(client), "--temp-dir", temp_dir,
-                    "--node-manager-port", str(head_mgr), "--object-manager-port", str(head_obj), *common], env)
+                    "--node-manager-port", str(head_mgr), "--object-manager-port", str(head_obj), *agent_ports(),
+                    *common], env)
         _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-manager-port", str(node_mgr),
-                    "--object-manager-port", str(node_obj), *common], env)
+                    "--object-manager-port", str(node_obj), *agent_ports(), *common], env)
         yield f"127.0.0.1:{gcs}", env, node_mgr
     finally:
         _stop_cluster(temp_dir)

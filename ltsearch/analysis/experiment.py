@@ -1,5 +1,7 @@
 """One experiment folder as `run_search.py` left it (results.csv, history.csv, space.yaml, summary.json,
-best_config.yaml, the trials' checkpoints), read into an `Experiment`. Never imports Ray."""
+best_config.yaml, the trials' checkpoints), read into an `Experiment`. Never imports Ray. An experiment in
+object storage (`s3://...`) is read from a local copy of its result files; checkpoints are copied when a
+figure needs one."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ from ..config import ExperimentConfig, with_overrides
 from ..files import CHECKPOINT_FILE
 from ..selection import is_missing
 from ..space import DISTRIBUTIONS, STAGE2_PREFIXES
+from ..storage import Location, is_uri, local_mirror
 
 __all__ = ["CONFIRM_ONLY", "OUTCOMES", "Experiment", "class_sizes", "load_experiment", "load_state"]
 
@@ -21,6 +24,9 @@ CONFIRM_ONLY = ("confirmed_trial", "confirm_rank", "seeds", "runs", "runs_ok", "
                 "search_objective_lo", "search_objective_hi")
 # a trial's `outcome`, in the order figures list them
 OUTCOMES = ("best by validation", "completed", "stopped early (ASHA)", "error")
+# what a local copy of an experiment in object storage holds (the trials' folders stay where they are)
+RESULT_FILES = ("space.yaml", "results.csv", "history.csv", "summary.json", "best_config.yaml", "confirm.csv",
+                "pareto.csv", "optuna.db")
 
 
 @dataclass
@@ -41,10 +47,20 @@ class Experiment:
     # (mean and std over seeds, best mean first) and one row per confirmed configuration and seed
     confirmation: pd.DataFrame = field(default_factory=pd.DataFrame)
     confirm_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    source: str | None = None  # the URI of an experiment in object storage; `path` is then its local copy
+    optuna_storage: str | None = None  # `search.optuna_storage`: a database server holding the studies
+
+    def study_storage(self) -> tuple[str | None, str]:
+        """(the Optuna studies' database URL, or None when there is none; the prefix of this experiment's
+        study names: empty in its own SQLite file, `<experiment URI>/` in a shared server)."""
+        if self.optuna_storage:
+            return self.optuna_storage, f"{self.summary.get('experiment', self.source or self.path)}/"
+        db = self.path / "optuna.db"
+        return (f"sqlite:///{db}" if db.is_file() else None), ""
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return Location(self.source).name if self.source else self.path.name
 
     @property
     def objective(self) -> str:
@@ -82,6 +98,9 @@ class Experiment:
             return self.checkpoint_dir(row["stage1_trial"])
         if is_missing(row.get("checkpoint")):
             raise FileNotFoundError(f"trial {trial_id} has no checkpoint in {self.path / 'results.csv'}")
+        if is_uri(row["checkpoint"]):
+            local = self.path / "checkpoints" / str(trial_id)
+            return local if local.is_dir() else Location(row["checkpoint"]).download(local)
         path = Path(row["checkpoint"])
         original = Path(self.summary.get("experiment", self.path))
         if not path.exists() and path.is_relative_to(original):
@@ -93,9 +112,23 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _local_copy(source: Location) -> Path:
+    """The result files of an experiment in object storage, copied to a folder on this machine."""
+    if not (source / "results.csv").is_file():
+        raise FileNotFoundError(f"{source}: no results.csv (not a finished ltsearch experiment)")
+    folder = local_mirror(source, "experiments")
+    for name in RESULT_FILES:
+        if (source / name).is_file():
+            (source / name).download(folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)  # left by an earlier copy
+    return folder
+
+
 def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment folder written by `run_search.py`."""
-    path = Path(path).expanduser()
+    """Read an experiment folder written by `run_search.py`: a local path, or a URI (`s3://bucket/prefix/NAME`)."""
+    source = Location(path) if is_uri(path) else None
+    path = _local_copy(source) if source is not None else Path(path).expanduser()
     if not (path / "results.csv").is_file():
         raise FileNotFoundError(f"{path}: no results.csv (not a finished ltsearch experiment)")
     spec = yaml.safe_load((path / "space.yaml").read_text())
@@ -142,7 +175,8 @@ def load_experiment(path: str | Path) -> Experiment:
         stage1_epochs=int(spec.get("base", {}).get("stage1", {}).get("epochs", 0)),
         best_trial=None if best_trial is None else str(best_trial),
         best_config=yaml.safe_load(best_config_file.read_text()) if best_config_file.is_file() else None,
-        summary=summary, confirmation=confirmation, confirm_runs=confirm_runs)
+        summary=summary, confirmation=confirmation, confirm_runs=confirm_runs,
+        source=None if source is None else str(source), optuna_storage=search.get("optuna_storage"))
 
 
 def _outcomes(results: pd.DataFrame, best_trial: str | None) -> pd.Series:

@@ -131,7 +131,7 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
         exp.check_creatable()
         if resume:
             _check_resumable(exp, spec)
-        elif exp.exists():
+        elif exp.exists() if exp.is_local else exp.children():  # a store may keep an empty folder marker
             raise ConfigError(f"--name: {exp} already exists; pass --resume to continue it or another --name")
     except StorageError as err:
         raise ConfigError(f"--storage: {err}") from None

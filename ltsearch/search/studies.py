@@ -69,7 +69,7 @@ class Studies:
             engine.dispose()
         except ImportError as err:
             raise ConfigError(f"search.optuna_storage: {self.shown_url()}: its database driver is not installed "
-                              f"({err}; for PostgreSQL: pip install psycopg2-binary)") from None
+                              f"({err}; for PostgreSQL: pip install 'psycopg[binary]')") from None
         except (sqlalchemy.exc.SQLAlchemyError, ValueError) as err:  # a bad URL, a server that does not answer
             line = str(getattr(err, "orig", None) or err).strip().splitlines()
             raise ConfigError(f"search.optuna_storage: {self.shown_url()}: the database does not answer "
