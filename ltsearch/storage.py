@@ -111,6 +111,12 @@ class Location:
     def __str__(self) -> str:
         return self.uri
 
+    def __fspath__(self) -> str:
+        """A local location is path-like (`open`, pandas, ...); a remote one is not."""
+        if self.fs is not None:
+            raise TypeError(f"{self.uri} is in object storage, not a local path")
+        return self.path
+
     def __repr__(self) -> str:
         return f"Location({self.uri!r})"
 

@@ -126,6 +126,29 @@ def test_staged_search_on_s3_and_postgres_survives_sigkill_of_the_driver(cifar10
     assert b"Parameter importances" in s3_server.read(f"{prefix}/{name}/report.html")
 
 
+def test_postgres_study_records_asha_and_completed_trials_as_sqlite_does(cifar10_root, tmp_path, postgres_server):
+    """The states optuna-dashboard shows for a study in PostgreSQL: PRUNED for what ASHA stopped, COMPLETE for
+    the finished trials, as test_search.py checks for SQLite (here with a local experiment folder)."""
+    import optuna
+
+    path = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=4, space={
+        "stage1.weight_decay": {"loguniform": [1e-4, 1e-1]},
+        "stage1.lr": {"choice": [0.05, 3.0]}},  # lr 3.0 learns nothing: ASHA has something to stop
+        search={"num_samples": 6, "scheduler": {"grace_period": 1, "reduction_factor": 2},
+                "sampler": {"type": "random", "seed": 0}, "max_concurrent": 2, "optuna_storage": postgres_server})
+    proc = subprocess.run([sys.executable, str(REPO / "run_search.py"), str(path), "--storage", str(tmp_path / "runs"),
+                           "--name", "pg"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "pg"
+    table = pd.read_csv(exp / "results.csv")
+    assert not (exp / "optuna.db").exists()  # the study is in the server, not beside the results
+    study = optuna.load_study(study_name=f"{exp}/search", storage=postgres_server)
+    states = sorted(t.state.name for t in study.trials)
+    stopped = int((table["epochs"] < 4).sum())
+    assert stopped >= 1 and table.loc[table["epochs"] < 4, "stop_reason"].str.contains("ASHA").all()
+    assert states == sorted(["PRUNED"] * stopped + ["COMPLETE"] * (len(table) - stopped))
+
+
 def _job(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, "job", *args], env=env, capture_output=True, text=True, timeout=timeout,
                           check=False, cwd=REPO)
