@@ -77,8 +77,10 @@ class Location:
 
         try:
             self.fs, path = pyarrow.fs.FileSystem.from_uri(text)
-        except (ValueError, OSError) as err:  # an unknown scheme, a malformed URI
+        except ValueError as err:  # an unknown scheme, a malformed URI
             raise StorageError(f"{text}: not a storage URI pyarrow can open ({_first_line(err)})") from None
+        except OSError as err:  # S3 asks the store for the bucket's region
+            raise StorageError(f"{text}: {_why(err, text.split(':', 1)[0])}") from None
         self.path = path.rstrip("/")
         self.uri = f"{self.scheme}://{self.path}"
 

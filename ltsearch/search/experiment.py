@@ -61,7 +61,7 @@ EXPERIMENT_MARKER = "space.yaml"
 
 @dataclass
 class SearchResult:
-    path: Location
+    path: Path | Location  # the experiment: a local folder, or its Location in object storage
     results: pd.DataFrame
     best: dict[str, Any]
 
@@ -195,7 +195,7 @@ def _search(exp: Location, spec: SearchSpaceFile, cluster: dict, data: LongTailD
                   "confidence": CONFIDENCE, "note": note}
     table, best = _write_results(exp, spec, table, history, time.time() - started, runs=runs,
                                  runs_history=runs_history, validation=validation)
-    return SearchResult(path=exp, results=table, best=best)
+    return SearchResult(path=exp.local_path if exp.is_local else exp, results=table, best=best)
 
 
 def images_of(config: ExperimentConfig, class_counts: list[int]) -> dict[str, int]:
