@@ -158,7 +158,10 @@ def run_search(spec: SearchSpaceFile, *, storage: str | Path = "runs", name: str
         raise ConfigError(f"--storage: {exp}: no space left on device; the search stopped and what it wrote is "
                           f"kept: free space, then continue with --resume --name {name}") from None
     finally:
-        studies.save()
+        try:
+            studies.save()
+        except OSError as err:  # must not hide the error that ended the search
+            print(f"Optuna studies: not copied to {exp} at exit ({err})", flush=True)
 
 
 def _no_space(err: BaseException | None) -> bool:
