@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import shot_groups, tercile_groups
+from .models import ClassScale
 from .regularizers import row_norms, tau_normalize
 from .selection import is_missing  # re-exported: it lived here (selection.py imports no torch)
 
@@ -70,13 +71,20 @@ def metrics_from_counts(counts: torch.Tensor, groups: dict[str, list[int]], spli
 def classifier_metrics(model, splits: dict[str, Iterable[tuple[Tensor, Tensor]]], tau: float,
                        groups: dict[str, list[int]], reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
     """`metrics_from_counts` of every split, from its batches of (features, labels), for `model`'s classifier
-    and its tau-normalised copy, plus `classifier_norms`. `reduce` sums the counts across data-parallel ranks."""
+    and its tau-normalised copy, plus `classifier_norms`. `reduce` sums the counts across data-parallel ranks.
+
+    `classifier_norms` are the norms of the rows that classify: after an LWS stage 2 (a `ClassScale` s behind the
+    frozen classifier, logit c times s_c) the scaled rows' |s_c| * ||w_c||, not the frozen ||w_c||."""
     weight = model.classifier.weight
     tau_weight = tau_normalize(weight, tau)
     out = {}
     for split, batches in splits.items():
         counts = sum(feature_counts(model, feats, y, tau_weight) for feats, y in batches)
         out.update(metrics_from_counts(counts if reduce is None else reduce(counts), groups, split))
-    out["classifier_norms"] = row_norms(weight).tolist()
+    norms = row_norms(weight)
+    class_scale = getattr(model, "logit_bn", None)
+    if isinstance(class_scale, ClassScale):
+        norms = norms * class_scale.scale.detach().abs().to(norms.dtype)
+    out["classifier_norms"] = norms.tolist()
     return out
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ltsearch.metrics import accuracy_metrics, class_groups, classifier_metrics, per_class_counts
+from ltsearch.models import ClassScale
 
 
 def test_per_class_counts_hand_example():
@@ -156,6 +157,17 @@ def test_classifier_metrics_of_plain_and_tau_normalised_classifier_over_batches(
     assert one_batch["val_acc"] == pytest.approx(100 / 3) and one_batch["val_acc_tail"] == 0.0
     assert one_batch["tau_val_acc"] == pytest.approx(100.0)
     assert one_batch["classifier_norms"] == pytest.approx([4.0, 1.0])
+
+
+def test_classifier_norms_after_lws_are_the_scaled_rows():
+    """LWS (stage2.mode: lws) multiplies class c's logit by a learned s_c behind the frozen classifier, so the
+    classifier in effect has rows s_c * w_c: the reported norms are |s_c| * ||w_c||, not the frozen ||w_c||."""
+    model = TwoClassHead()
+    model.logit_bn = ClassScale(2)
+    with torch.no_grad():
+        model.logit_bn.scale.copy_(torch.tensor([0.5, -3.0]))
+    out = classifier_metrics(model, {"val": [(torch.tensor([[1.0, 2.0]]), torch.tensor([1]))]}, 1.0, {})
+    assert out["classifier_norms"] == pytest.approx([2.0, 3.0])  # 0.5 * 4 and |-3| * 1
 
 
 def test_classifier_metrics_reduce_applies_to_the_counts_of_every_split():
