@@ -10,6 +10,13 @@
 Everything is validated here, before Ray starts: every dotted key must name a field of the experiment
 config, every bound must be a number of the field's type and every sampled config must validate. The
 space becomes an Optuna define-by-run function, so conditional (`when`) entries are native.
+
+Every searched key must be able to move a search metric (`inert_reason`): a key that acts only through another
+key's value (`posthoc.tau` through a linear classifier, a loss parameter through its loss) is refused when no
+value that other key can take while this one is sampled lets it act. A key searched only under `when` takes its
+sampled values where its condition holds and keeps its base value where the condition fails, and both count:
+`model.classifier: {choice: [cosine], when: {stage1.loss: ldam}}` over a linear base leaves every trial without
+LDAM linear, so `posthoc.tau` can be searched beside it.
 """
 from __future__ import annotations
 
@@ -382,14 +389,26 @@ def _check_stage1_run(source: str, search: SearchSettings, space: dict[str, Dist
                           "drop one of them")
 
 
-def _possible(key: str, dist: Distribution, space: dict[str, Distribution], base: ExperimentConfig) -> list[Any]:
-    """Values `key` can take while `dist` is sampled: its `when` value, its own choices (a range: any
-    value, so the marker `...`), else its base value."""
+def _possible(key: str, dist: Distribution, space: dict[str, Distribution], base: ExperimentConfig,
+              seen: tuple[str, ...] = ()) -> list[Any]:
+    """Values `key` can take while `dist` is sampled: its `when` value; for a searched key, its own choices (a
+    range: any value, so the marker `...`) where its own `when` can hold then, and its base value where that
+    `when` can fail then (a key sampled only under `when` keeps its base value elsewhere); else its base value."""
     if key in dist.when:
         return [dist.when[key]]
-    if key in space:
-        return list(space[key].choice) if space[key].kind == "choice" else [...]
-    return [flat_config(base)[key]]
+    base_value = flat_config(base)[key]
+    if key not in space:
+        return [base_value]
+    if key in seen:  # conditions in a circle: assume anything rather than refuse a key that can matter
+        return [...]
+    own = space[key]
+    sampled = list(own.choice) if own.kind == "choice" else [...]
+    met = [(value, _possible(other, dist, space, base, (*seen, key))) for other, value in own.when.items()]
+    if not all(any(v is ... or v == value for v in values) for value, values in met):
+        return [base_value]  # its condition never holds while `dist` is sampled
+    if all(values == [value] for value, values in met):
+        return sampled  # its condition always holds then
+    return [*sampled, base_value]
 
 
 def inert_reason(key: str, space: dict[str, Distribution], base: ExperimentConfig,
@@ -409,6 +428,7 @@ def inert_reason(key: str, space: dict[str, Distribution], base: ExperimentConfi
     for other, test, what in needs:
         values = _possible(other, dist, space, base)
         if not any(v is ... or test(v) for v in values):
-            return (f"has no effect: it needs {what}, but {other} is {values[0]!r} whenever this key is sampled "
+            value = f"{values[0]!r}" if len(values) == 1 else f"one of {values}"
+            return (f"has no effect: it needs {what}, but {other} is {value} whenever this key is sampled "
                     f"(set it in base, search it, or remove the key)")
     return None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FixedTrial
 
@@ -464,6 +465,27 @@ def test_lws_leaves_maxnorm_and_cosine_leaves_tau_nothing_to_change(tmp_path):
     cosine = BASE.replace("model: {name: resnet8}", "model: {name: resnet8, classifier: cosine}")
     expect_error(tmp_path, cosine + "space:\n  posthoc.tau: {uniform: [0, 2]}\nsearch: {metric: tau_val_acc}\n",
                  "space.posthoc.tau", "model.classifier: linear")
+
+
+def test_a_key_sampled_only_under_when_keeps_its_base_value_where_the_condition_fails(tmp_path):
+    """Bug: `model.classifier: {choice: [cosine], when: {stage1.loss: ldam}}` was taken to make every trial's
+    classifier cosine, so posthoc.tau (which needs a linear one) was refused; every trial without LDAM keeps the
+    base's linear classifier. methods_c10lt.yaml's space can search tau on a tau metric, with or without `when`."""
+    methods = load_yaml(REPO / "search_spaces/methods_c10lt.yaml")
+    for tau in ({"uniform": [0.0, 2.0]}, {"uniform": [0.0, 2.0], "when": {"model.classifier": "linear"}}):
+        path = write(tmp_path, yaml.safe_dump({**methods, "space": {**methods["space"], "posthoc.tau": tau}}))
+        spec = load_search_space(path, ["search.metric=tau_val_acc"])
+        assert spec.space["posthoc.tau"].uniform == (0.0, 2.0)
+    ldam_only = BASE + ("space:\n  stage1.loss: {choice: [ce, ldam]}\n"
+                        "  model.classifier: {choice: [cosine], when: {stage1.loss: ldam}}\n")
+    tau = "  posthoc.tau: {uniform: [0, 2]%s}\nsearch: {metric: tau_val_acc}\n"
+    assert "posthoc.tau" in load_search_space(write(tmp_path, ldam_only + tau % "")).space
+    # where the condition surely holds whenever the key is sampled, the base value is out of reach
+    expect_error(tmp_path, ldam_only + tau % ", when: {stage1.loss: ldam}", "space.posthoc.tau",
+                 "model.classifier: linear", "'cosine'")
+    # and where it never holds, only the base value is: cosine_scale under ce never meets a cosine classifier
+    expect_error(tmp_path, ldam_only + "  model.cosine_scale: {uniform: [8, 32], when: {stage1.loss: ce}}\n",
+                 "space.model.cosine_scale", "model.classifier: cosine", "'linear'")
 
 
 # ---------------------------------------------------------------- search.staged.stage1_run
