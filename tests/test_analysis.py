@@ -244,6 +244,70 @@ def test_top_trials_and_parallel_coordinates(handmade):
     assert fig.data[0].dimensions[0].range == pytest.approx((-5, -1))
 
 
+def _write_methods_search(exp: Path) -> Path:
+    """A staged search over methods_c10lt.yaml's space, written by hand. Stage 1 sampled ce, balanced_softmax and
+    ldam (never logit_adjusted), LDAM once without DRW (drw_epoch None) and once with it (9, read back as 9.0);
+    stage 2 built on the balanced_softmax and LDAM-DRW parents and sampled MaxNorm off (None) and 0.0 under
+    retrain; under lws MaxNorm is not sampled."""
+    exp.mkdir()
+    (exp / "space.yaml").write_text((REPO / "search_spaces/methods_c10lt.yaml").read_text())
+    stage1 = [("s1a", "ce", None), ("s1b", "balanced_softmax", None), ("s1c", "ldam", None), ("s1d", "ldam", 9),
+              ("s1e", "balanced_softmax", None)]
+    rows = [{"phase": "stage1", "trial_id": t, "stage1.loss": loss, "stage1.drw_epoch": drw,
+             "model.classifier": "cosine" if loss == "ldam" else None, "stage1.weight_decay": 1e-3,
+             "stage1.logit_adjust_tau": None, "stage1.ldam_max_margin": 0.5 if loss == "ldam" else None,
+             "final_val_acc": 40.0 + i, "final_test_acc": 39.0 + i, "epochs": 12, "objective": 40.0 + i,
+             "status": "TERMINATED", "stop_reason": "completed", "checkpoint": f"/x/{t}"}
+            for i, (t, loss, drw) in enumerate(stage1)]
+    parents = {"s1b": rows[1], "s1d": rows[3]}
+    stage1_keys = [k for k in rows[0] if k.startswith(("stage1.", "model."))]  # the stage-1 keys
+    stage2 = [("s1b", "retrain", None), ("s1d", "retrain", 0.0), ("s1d", "lws", None), ("s1b", "retrain", 0.0)]
+    for j, (parent, mode, thresh) in enumerate(stage2):
+        rows.append({"phase": "stage2", "trial_id": f"stage2_{j:05d}", "stage1_trial": parent,
+                     **{k: v for k, v in parents[parent].items() if k in stage1_keys},
+                     "stage2.mode": mode, "stage2.sampler": "instance", "stage2.loss": "ce",
+                     "stage2.weight_decay": 1e-3, "stage2.lr": 0.05, "stage2.maxnorm_thresh": thresh,
+                     "final_val_acc": 50.0 + j, "final_test_acc": 49.0 + j, "epochs": 10, "objective": 50.0 + j,
+                     "status": "TERMINATED", "stop_reason": "completed"})
+    pd.DataFrame(rows).to_csv(exp / "results.csv", index=False)
+    pd.DataFrame([{"trial_id": "s1a", "epoch": 1, "val_acc": 40.0, "timestamp": 1.0, "time_total_s": 1.0}]).to_csv(
+        exp / "history.csv", index=False)
+    (exp / "summary.json").write_text(json.dumps({"best": {"trial_id": "stage2_00003"}}))
+    return exp
+
+
+def test_a_choice_axis_shows_exactly_the_sampled_values(tmp_path):
+    """Bug: a searched choice's axis listed the space file's options, not what was sampled: the stage1.loss
+    panel showed logit_adjusted, never sampled; the parallel coordinates spread the stage-2 trials' stage1.loss
+    codes (balanced_softmax and ldam, 1 and 3) over all four labels, so logit_adjusted sat between them and ce
+    fell outside; a sampled None (DRW or MaxNorm off) and 9 read back as 9.0 matched no option and were left out
+    or drawn at the first label. Each axis now holds the values its rows sampled, in the space file's order."""
+    exp = analysis.load_experiment(_write_methods_search(tmp_path / "methods"))
+    expected = {"stage1.loss": ["ce", "balanced_softmax", "ldam"], "stage1.drw_epoch": ["None", "9"],
+                "stage2.maxnorm_thresh": ["None", "0.0"], "stage2.mode": ["retrain", "lws"],
+                "model.classifier": ["cosine"]}
+    for key, categories in expected.items():
+        fig = analysis.accuracy_figure(exp, key)
+        assert list(fig.layout.xaxis.categoryarray) == categories, key
+        assert {x for t in fig.data for x in t.x} == set(categories), key
+    drw = analysis.accuracy_figure(exp, "stage1.drw_epoch")
+    drawn = {(c[0], x) for t in drw.data for c, x in zip(t.customdata, t.x)}
+    assert drawn == {("s1c", "None"), ("s1d", "9")}  # the LDAM trials; the others never sampled DRW
+
+    dimensions = {d.label: d for d in analysis.parallel_coordinates_figure(exp).data[0].dimensions}
+    # the stage-2 trials: their parents' losses and DRW; MaxNorm where retrain sampled it, lws did not
+    axes = {"stage1.loss": ["balanced_softmax", "ldam"], "stage1.drw_epoch": ["9", "not sampled"],
+            "MaxNorm threshold": ["None", "0.0", "not sampled"]}
+    for label, categories in axes.items():
+        dim = dimensions[label]
+        assert list(dim.ticktext) == categories and list(dim.tickvals) == list(range(len(categories))), label
+        values = np.asarray(dim.values, dtype=float)
+        assert not np.isnan(values).any() and set(values) <= set(dim.tickvals), label
+        assert dim.range[0] < 0 and dim.range[1] > len(categories) - 1, label  # every tick on the axis
+    codes = dict(zip(exp.final_rows()["trial_id"], dimensions["MaxNorm threshold"].values))
+    assert codes == {"stage2_00000": 0, "stage2_00001": 1, "stage2_00002": 2, "stage2_00003": 1}
+
+
 def test_importances_need_enough_trials(handmade):
     exp = analysis.load_experiment(handmade)
     assert analysis.importance_frame(exp)["note"].str.contains("no optuna.db").all()

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -17,7 +18,7 @@ from ..selection import is_missing
 from ..space import DISTRIBUTIONS, STAGE2_PREFIXES
 from ..storage import Location, is_uri, local_mirror
 
-__all__ = ["CONFIRM_ONLY", "OUTCOMES", "Experiment", "class_sizes", "load_experiment", "load_state"]
+__all__ = ["CONFIRM_ONLY", "OUTCOMES", "Experiment", "class_sizes", "load_experiment", "load_state", "same_value"]
 
 # columns only confirmation rows have in results.csv (with the `mean_*` and `std_*` ones)
 CONFIRM_ONLY = ("confirmed_trial", "confirm_rank", "seeds", "runs", "runs_ok", "search_objective",
@@ -36,7 +37,7 @@ class Experiment:
     path: Path
     results: pd.DataFrame  # one row per trial
     history: pd.DataFrame  # one row per trial and reported epoch
-    space: dict[str, dict]  # searched key -> {"kind": "loguniform", "args": [1e-4, 1e-1]}
+    space: dict[str, dict]  # searched key -> {"kind": "loguniform", "args": [1e-4, 1e-1]} (+ "when": {...})
     metrics: list[str]  # the search's objective(s), the first one drives ASHA and the best trial
     directions: list[str]
     stage1_epochs: int
@@ -49,6 +50,7 @@ class Experiment:
     confirm_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
     source: str | None = None  # the URI of an experiment in object storage; `path` is then its local copy
     optuna_storage: str | None = None  # `search.optuna_storage`: a database server holding the studies
+    base: dict = field(default_factory=dict)  # space.yaml's base config by dotted key: what a key not sampled ran with
 
     def study_storage(self) -> tuple[str | None, str]:
         """(the Optuna studies' database URL, or None when there is none; the prefix of this experiment's
@@ -85,6 +87,26 @@ class Experiment:
             rows = rows[rows["phase"] == ("stage2" if key.startswith(STAGE2_PREFIXES) else "stage1")]
         return rows
 
+    def sampled(self, key: str, rows: pd.DataFrame | None = None, _seen: tuple[str, ...] = ()) -> pd.Series:
+        """Which of `rows` (default: `rows_sampling(key)`) sampled `key`: those where its `when` condition held
+        (on the values the trial ran with; a staged search's stage-2 rows hold their parent's stage-1 values)."""
+        rows = self.rows_sampling(key) if rows is None else rows
+        took = pd.Series(True, index=rows.index)
+        for other, wanted in self.space[key].get("when", {}).items():
+            ran = self.values_ran(other, rows, (*_seen, key))
+            took &= ran.map(lambda value, wanted=wanted: same_value(wanted, value)).astype(bool)
+        return took
+
+    def values_ran(self, key: str, rows: pd.DataFrame, _seen: tuple[str, ...] = ()) -> pd.Series:
+        """`key`'s value in each of `rows` as the trial ran with it: the sampled one (None where None was
+        sampled: results.csv holds it as a missing value), else the base config's."""
+        base = self.base.get(key)
+        if key not in self.space or key not in rows or key in _seen:
+            return pd.Series([base] * len(rows), index=rows.index, dtype=object)
+        took = self.sampled(key, rows, _seen)
+        return pd.Series([(None if is_missing(v) else v) if t else base for v, t in zip(rows[key], took)],
+                         index=rows.index, dtype=object)
+
     def final_rows(self) -> pd.DataFrame:
         """The trials the search ranks for its best configuration (staged: the stage-2 phase)."""
         rows = self.results
@@ -106,6 +128,21 @@ class Experiment:
         if not path.exists() and path.is_relative_to(original):
             path = self.path / path.relative_to(original)
         return path
+
+
+def same_value(option, value) -> bool:
+    """Whether `value`, read back from results.csv, is `option` of the space file: 9.0 is 9, "True" is true,
+    a missing value is None."""
+    if is_missing(value) or option is None:
+        return is_missing(value) and option is None
+    if isinstance(option, bool) or isinstance(value, (bool, np.bool_)):
+        return str(option).lower() == str(value).lower()
+    if isinstance(option, (int, float)):
+        try:
+            return float(value) == float(option)
+        except (TypeError, ValueError):
+            return False
+    return str(option) == str(value)
 
 
 def _as_list(value) -> list:
@@ -135,7 +172,7 @@ def load_experiment(path: str | Path) -> Experiment:
     space = {}
     for key, dist in spec["space"].items():
         kind = next(k for k in DISTRIBUTIONS if dist.get(k) is not None)
-        space[key] = {"kind": kind, "args": dist[kind]}
+        space[key] = {"kind": kind, "args": dist[kind], **({"when": dist["when"]} if dist.get("when") else {})}
     search = spec.get("search", {})
     # Tune's hex ids can look like numbers ("1234e567")
     ids = {"trial_id": str, "stage1_trial": str, "confirmed_trial": str}
@@ -176,7 +213,9 @@ def load_experiment(path: str | Path) -> Experiment:
         best_trial=None if best_trial is None else str(best_trial),
         best_config=yaml.safe_load(best_config_file.read_text()) if best_config_file.is_file() else None,
         summary=summary, confirmation=confirmation, confirm_runs=confirm_runs,
-        source=None if source is None else str(source), optuna_storage=search.get("optuna_storage"))
+        source=None if source is None else str(source), optuna_storage=search.get("optuna_storage"),
+        base={f"{section}.{k}": v for section, values in (spec.get("base") or {}).items()
+              if isinstance(values, dict) for k, v in values.items()})
 
 
 def _outcomes(results: pd.DataFrame, best_trial: str | None) -> pd.Series:

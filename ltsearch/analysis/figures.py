@@ -1,7 +1,8 @@
 """Plotly figures of an `Experiment`, each drawn from one frame of `frames.py`.
 
 Axes name the searched parameter with its unit; in a staged search each parameter is plotted from the
-phase that sampled it. Missing groups (few-shot in CIFAR-10-LT) are left out, never drawn as 0.
+phase that sampled it. A choice's axis lists the options its trials sampled (`frames.choice_labels`), never
+one they did not. Missing groups (few-shot in CIFAR-10-LT) are left out, never drawn as 0.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from plotly.subplots import make_subplots
 from .experiment import OUTCOMES, Experiment
 from .frames import (
     GROUPS,
+    NOT_SAMPLED,
     accuracy_frame,
+    choice_labels,
     confirmation_frame,
     group_column,
     importance_frame,
@@ -134,14 +137,18 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
     says which; `frames.plotted_accuracies`)."""
     tau = key == "posthoc.tau" and group_column(f"tau_{split}", "overall") in exp.results
     measured = f"tau_{split}" if tau else split
-    frame = accuracy_frame(exp, measured)
-    frame = frame[frame["trial_id"].isin(exp.rows_sampling(key)["trial_id"])].dropna(subset=[key])
+    frame, rows, orders = accuracy_frame(exp, measured), exp.rows_sampling(key), {}
+    if exp.space[key]["kind"] == "choice":  # categorical axis: the options sampled, in the space file's order
+        labels, categories = choice_labels(exp, key, rows)
+        sampled = dict(zip(rows["trial_id"], labels))
+        frame[key] = frame["trial_id"].map(sampled)
+        frame = frame[frame[key].notna() & (frame[key] != NOT_SAMPLED)].copy()
+        orders[key] = [c for c in categories if c != NOT_SAMPLED]
+    else:
+        frame = frame[frame["trial_id"].isin(rows["trial_id"])].dropna(subset=[key])
     present = [g for g in GROUPS if g in set(frame["group"])]
     shot = [g for g in present if g in SHOT_GROUPS]
-    orders = {"outcome": list(OUTCOME_SYMBOLS), "group": [GROUP_PANELS[g] for g in present]}
-    if exp.space[key]["kind"] == "choice":  # categorical axis, options in the order of the space file
-        frame[key] = frame[key].astype(str)
-        orders[key] = [str(v) for v in exp.space[key]["args"]]
+    orders.update(outcome=list(OUTCOME_SYMBOLS), group=[GROUP_PANELS[g] for g in present])
     frame["group"] = frame["group"].map(GROUP_PANELS)
     colour = None
     if "model.nbn" in exp.space and key != "model.nbn":
@@ -181,7 +188,15 @@ def accuracy_figure(exp: Experiment, key: str, split: str = "test") -> go.Figure
 def accuracy_figures(exp: Experiment, split: str = "test") -> dict[str, go.Figure]:
     """`accuracy_figure` for every searched parameter, named `accuracy_vs_<key>`."""
     return {f"accuracy_vs_{key.replace('.', '_')}": accuracy_figure(exp, key, split) for key in exp.space
-            if exp.rows_sampling(key)[key].notna().any()}
+            if _was_sampled(exp, key)}
+
+
+def _was_sampled(exp: Experiment, key: str) -> bool:
+    """Whether a trial sampled `key` (a choice of None counts: results.csv holds it as a missing value)."""
+    rows = exp.rows_sampling(key)
+    if exp.space[key]["kind"] == "choice":
+        return bool((choice_labels(exp, key, rows)[0] != NOT_SAMPLED).any())
+    return bool(rows[key].notna().any())
 
 
 def pareto_figure(exp: Experiment, split: str = "test") -> go.Figure:
@@ -340,11 +355,11 @@ def parallel_coordinates_figure(exp: Experiment, split: str = "test") -> go.Figu
     dimensions = []
     for key, dist in exp.space.items():
         values = rows[key]
-        if dist["kind"] == "choice":
-            options = [str(v) for v in dist["args"]]
-            codes = values.astype(str).map({o: i for i, o in enumerate(options)})
-            dimensions.append({"label": _key_name(key), "values": codes,
-                               "tickvals": list(range(len(options))), "ticktext": options})
+        if dist["kind"] == "choice":  # the options these trials sampled; each tick on its lines (an explicit range)
+            labels, options = choice_labels(exp, key, rows)
+            dimensions.append({"label": _key_name(key), "values": labels.map({o: i for i, o in enumerate(options)}),
+                               "tickvals": list(range(len(options))), "ticktext": options,
+                               "range": [-0.5, len(options) - 0.5]})
         elif _is_log(exp, key, values.dropna()):
             axis = _key_axis(exp, key, values.dropna(), pad=0)
             dimensions.append({"label": f"{_key_name(key)} (log)", "values": np.log10(values),

@@ -14,16 +14,39 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..selection import accuracy_interval, metric_group
-from .experiment import Experiment, class_sizes, load_state
+from ..selection import accuracy_interval, is_missing, metric_group
+from .experiment import Experiment, class_sizes, load_state, same_value
 
 __all__ = [
-    "GROUPS", "accuracy_frame", "confirmation_frame", "group_column", "importance_frame", "naive_baseline_trial",
+    "GROUPS", "NOT_SAMPLED", "accuracy_frame", "choice_labels", "confirmation_frame", "group_column", "importance_frame", "naive_baseline_trial",
     "pareto_frame", "per_class_frame", "plotted_accuracies", "progress_frame", "selection_frame", "survival_frame",
     "tail_pair", "top_trials",
 ]
 
 GROUPS = ("overall", "many", "medium", "few", "head", "middle", "tail")
+NOT_SAMPLED = "not sampled"  # a choice's label in a row whose `when` condition failed
+
+
+def choice_labels(exp: Experiment, key: str, rows: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """A searched choice in `rows` as a categorical axis shows it: each row's sampled option, written as the
+    space file writes it (results.csv gives 9 back as 9.0, None as a missing value), or NOT_SAMPLED where its
+    `when` condition failed; and the axis's categories: exactly the options these rows sampled, in the space
+    file's order (then NOT_SAMPLED when a row did not sample it), never an option no row sampled."""
+    options = exp.space[key]["args"]
+
+    def label(value) -> str:
+        if is_missing(value) and None not in options:
+            return NOT_SAMPLED  # a result from before the key was searched
+        return next((str(o) for o in options if same_value(o, value)), str(value))
+
+    took = exp.sampled(key, rows)
+    labels = pd.Series([label(v) if t else NOT_SAMPLED for v, t in zip(rows[key], took)], index=rows.index,
+                       dtype=object)
+    present = set(labels)
+    named = [str(o) for o in options]
+    categories = [o for o in dict.fromkeys(named) if o in present]
+    categories += sorted(present - set(named) - {NOT_SAMPLED}) + [NOT_SAMPLED] * (NOT_SAMPLED in present)
+    return labels, categories
 
 
 def group_column(split: str, group: str) -> str:
