@@ -56,11 +56,11 @@ def test_resume_after_interrupt_does_not_repeat_finished_trials(cifar10_root, tm
     deadline = time.time() + 300
     while len(_finished_trials(search_dir, 3)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    # Trials that finished before the signal; one that reports its last epoch while the search shuts down
-    # is not yet recorded as finished, so resuming may run its last epoch again.
-    before = _finished_trials(search_dir, 3)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
+    # every trial whose last epoch is recorded once the search stopped, one that reported it while the
+    # search shut down included (Tune may not have taken its checkpoint yet: RegisterReportedCheckpoints)
+    before = _finished_trials(search_dir, 3)
     assert 2 <= len(before) < 5
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=600)
@@ -68,6 +68,9 @@ def test_resume_after_interrupt_does_not_repeat_finished_trials(cifar10_root, tm
     after = _finished_trials(search_dir, 3)
     assert len(after) == 5
     assert {name: after[name] for name in before} == before  # finished trials were not run again
+    for result in search_dir.glob("*/result.json"):  # no epoch of any trial trained twice
+        epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines() if line.strip()]
+        assert sorted(epochs) == [1, 2, 3], (result.parent.name, epochs)
     table = pd.read_csv(tmp_path / "runs" / "resume" / "results.csv")
     assert len(table) == 5 and (table["stop_reason"] == "completed").all()
     history = pd.read_csv(tmp_path / "runs" / "resume" / "history.csv")

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 
 from ray import tune
 
 from ..config import ExperimentConfig, with_overrides
+from ..files import CHECKPOINT_FILE
 from ..space import SearchSettings
 from ..storage import Location
 from ..train import TrainingDiverged, train
 from .results import planned_epochs
 
-__all__ = ["drop_unregistered_checkpoints", "grid_trial", "trial"]
+__all__ = ["RegisterReportedCheckpoints", "drop_unregistered_checkpoints", "grid_trial",
+           "register_reported_checkpoint", "trial"]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -129,6 +132,55 @@ def drop_unregistered_checkpoints(train_storage: Location) -> None:
                     (run / folder).delete()
     finally:
         noisy.setLevel(level)
+
+
+def _checkpoint_index(path: str) -> int:
+    """7 for `.../checkpoint_000007`; -1 for a folder of another name."""
+    try:
+        return int(posixpath.basename(path.rstrip("/")).rsplit("_", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def register_reported_checkpoint(trial) -> bool:
+    """Make a trial's last recorded result and its checkpoint one record again; True if it registered one.
+
+    Tune takes a reported epoch in two steps: the result (written to `result.json`, kept as the trial's
+    `last_result`, which names its checkpoint in `checkpoint_dir_name`), then a separate save that registers
+    the checkpoint the trial process had already written to storage. A stop between the two (Ctrl-C, a
+    failure) leaves Tune's saved state with the epoch's result but the previous checkpoint, and the trial
+    would train that epoch, final or not, again from there. Registering the named checkpoint (when it is
+    newer than the registered one and its checkpoint file is in the trial's folder) is what Tune's save
+    would have done: the trial then continues after its last recorded epoch, one that reported its final
+    epoch ends without training, and the checkpoint kept for it is that of its last result."""
+    from ray.train._internal.session import _TrainingResult  # what Tune's own save hands to the trial
+
+    last = trial.last_result or {}
+    name = last.get("checkpoint_dir_name")
+    if not name:
+        return False
+    current = trial.checkpoint
+    if current is not None and _checkpoint_index(current.path) >= _checkpoint_index(name):
+        return False
+    import pyarrow.fs
+
+    fs, path = trial.storage.storage_filesystem, posixpath.join(trial.storage.trial_fs_path, name)
+    if fs.get_file_info(posixpath.join(path, CHECKPOINT_FILE)).type != pyarrow.fs.FileType.File:
+        return False
+    trial.on_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(path, filesystem=fs), metrics=dict(last)))
+    return True
+
+
+class RegisterReportedCheckpoints(tune.Callback):
+    """Before a pending trial starts (restored by `--resume`, or retried after a failure), registers the
+    checkpoint of its last recorded result where Tune was stopped before it could
+    (`register_reported_checkpoint`)."""
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        for t in trials:
+            if t.status == t.PENDING and register_reported_checkpoint(t):
+                logging.getLogger(__name__).info("trial %s continues from %s, the checkpoint of its last "
+                                                 "recorded result", t.trial_id, t.checkpoint.path)
 
 
 def grid_trial(config: dict, runs: dict, **parameters) -> None:

@@ -29,7 +29,7 @@ from .loggers import logger_callbacks
 from .resources import trial_resources
 from .results import planned_epochs, trial_row
 from .studies import Studies
-from .trials import drop_unregistered_checkpoints, grid_trial, trial
+from .trials import RegisterReportedCheckpoints, drop_unregistered_checkpoints, grid_trial, trial
 
 __all__ = ["make_sampler", "results_table", "run_grid", "run_phase"]
 
@@ -195,7 +195,7 @@ def _run_config(settings: SearchSettings, phase: str, exp: Location, reporter: t
         name=phase, storage_path=str(exp), verbose=1, progress_reporter=reporter,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-        callbacks=[_ReleaseStart(), *logger_callbacks(settings, exp, phase)])
+        callbacks=[_ReleaseStart(), RegisterReportedCheckpoints(), *logger_callbacks(settings, exp, phase)])
 
 
 def run_phase(exp: Location, phase: str, spec: SearchSpaceFile, space: dict[str, Distribution],
