@@ -63,7 +63,10 @@ class Location:
     """A folder or file, local or remote. `str()` gives what Ray's `storage_path` and the user see: the
     absolute local path, or the URI."""
 
-    def __init__(self, text: str | Path, _fs=None, _path: str | None = None):
+    def __init__(self, text: str | Path | Location, _fs=None, _path: str | None = None):
+        if isinstance(text, Location):  # as given: callers may pass either
+            self.fs, self.path, self.uri = text.fs, text.path, text.uri
+            return
         text = str(text)
         if _fs is not None:
             self.fs, self.path = _fs, _path

@@ -22,6 +22,7 @@ def mlflow_uri(settings: SearchSettings, exp: Location) -> str:
     experiment is in object storage: give a tracking server there)."""
     if settings.mlflow_tracking_uri:
         return settings.mlflow_tracking_uri
+    exp = Location(exp)
     folder = exp.local_path if exp.is_local else local_mirror(exp, "mlflow")
     return f"sqlite:///{folder / 'mlflow.db'}"
 

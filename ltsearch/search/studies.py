@@ -24,7 +24,8 @@ __all__ = ["Studies"]
 
 
 class Studies:
-    def __init__(self, exp: Location, url: str | None):
+    def __init__(self, exp: Location | Path, url: str | None):
+        exp = Location(exp)
         self.exp, self.server = exp, url is not None
         self.local: Path | None = None
         if url is not None:

@@ -116,6 +116,7 @@ def drop_unregistered_checkpoints(train_storage: Location) -> None:
     last epoch, say) before its Ray Train run returns."""
     from ray.train import Result
 
+    train_storage = Location(train_storage)
     noisy = logging.getLogger("ray.train")
     level = noisy.level
     noisy.setLevel(logging.WARNING)  # Result.from_path announces the snapshot it loads

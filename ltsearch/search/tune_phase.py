@@ -175,6 +175,7 @@ def _check_saved_state(phase_path: Location) -> None:
     """Refuse to resume from a cut-off Tune state (Tune copies its state files into the experiment without a
     temporary file, so a disk that fills up during the copy cuts them): Tune would log the error and start
     the phase over, and the tables would then list only the new trials."""
+    phase_path = Location(phase_path)
     names = phase_path.children()
     for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
         newest = max(fnmatch.filter(names, pattern), default=None)  # the one Tune restores from
@@ -280,15 +281,18 @@ def results_table(grid: tune.ResultGrid, settings: SearchSettings, keys: list[st
         if runs is not None:
             row["run"] = result.config["run"]
         if frame is not None and len(frame):
-            row["checkpoint"] = _checkpoint_location(result.checkpoint) if result.checkpoint else None
+            # a multi-worker trial's checkpoint is Ray Train's: its path comes in the reported metrics
+            row["checkpoint"] = (_checkpoint_location(result.checkpoint.path, result.checkpoint.filesystem)
+                                 if result.checkpoint else
+                                 _checkpoint_location(frame.iloc[-1].get("checkpoint_path"), result.filesystem))
         rows.append(row)
     return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
-def _checkpoint_location(checkpoint: tune.Checkpoint) -> str:
+def _checkpoint_location(path: str | None, filesystem) -> str | None:
     """A checkpoint's folder as a local path or, in object storage, as a URI (`s3://bucket/...`)."""
     import pyarrow.fs
 
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return checkpoint.path
-    return str(Location("", _fs=checkpoint.filesystem, _path=checkpoint.path))
+    if not isinstance(path, str) or filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return path if isinstance(path, str) else None
+    return str(Location("", _fs=filesystem, _path=path))
