@@ -1,23 +1,30 @@
-"""The Python steps of benchmarks/gpu_check.sh (run that script; these subcommands are its parts).
+"""Does ltsearch use a CUDA GPU as it should: how fast does the trainer's path train and evaluate there in
+fp32, bf16 and fp16, what do several trials packed on one GPU buy, and does a search with fractional GPUs
+run its trials at once, each on the GPU? The Python steps of benchmarks/gpu_check.sh (run that script;
+these subcommands are its parts).
+
+Method. `throughput` times the trainer's own path: uint8 images held on the device in a `TensorLoader`
+(batched crop and flip, normalise), a channels_last model, the trainer's loss and SGD step
+(`optim.sgd_step`, a GradScaler for fp16), under the trainer's autocast for bf16 / fp16; CIFAR-100-LT
+IF 100 shapes (10,827 synthetic images, 100 classes). `--concurrent K` then runs K such processes at once
+on the same device and reports their summed images/s: what packing K trials on one GPU
+(`gpus_per_worker: 1/K`) buys. `search` starts a local Ray (declaring `--fake-gpus` GPUs when given: the
+CPU dry run schedules fractional GPUs that way, and its trials fall back to the CPU), runs the quick-start
+search through `ltsearch.search` and checks from history.csv that the trials ran at once (peak
+concurrency) on the expected device.
 
     python benchmarks/gpu_check.py data DIR [--tiny]          # a CIFAR-10 root for the search; prints it
     python benchmarks/gpu_check.py throughput --device cuda   # trainer step and eval images/s per precision
     python benchmarks/gpu_check.py search --root ROOT --storage DIR [--fake-gpus 1] [--set k=v ...]
 
-`throughput` times the trainer's own path: uint8 images held on the device in a `TensorLoader` (batched crop
-and flip, normalise), a channels_last model, the trainer's loss and SGD step (`optim.sgd_step`, a
-GradScaler for fp16), under the trainer's autocast for bf16 / fp16; CIFAR-100-LT IF 100 shapes (10,827
-synthetic images, 100 classes). `--concurrent K` then runs K such processes at once on the same device and
-reports their summed images/s: what packing K trials on one GPU (`gpus_per_worker: 1/K`) buys.
+Commands (docs/benchmarks.md, "GPU check"; the dry run's output is the one quoted there):
 
-`search` starts a local Ray (declaring `--fake-gpus` GPUs when given: the CPU dry run schedules fractional
-GPUs that way, and its trials fall back to the CPU), runs the quick-start search through `ltsearch.search`
-and checks from history.csv that the trials ran at once (peak concurrency) on the expected device.
+    bash benchmarks/gpu_check.sh              # on a CUDA machine, venv active; under 8 minutes
+    bash benchmarks/gpu_check.sh --dry-run    # the same steps, tiny, on the CPU (GPU_CHECK_DRY_RUN=1 too)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,8 +35,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.conftest's synthetic CIFAR writer, ltsearch from this tree
+# tests.conftest's synthetic CIFAR writer and ltsearch from this tree; common.py also when this file is
+# imported, not run (tests/test_gpu.py)
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from common import endless, returned, spawn, synthetic_cifar100_lt, table, trial_spans
 
 # ---------------------------------------------------------------------------- data
 
@@ -77,11 +87,12 @@ def _sync(device) -> None:
 
 
 def measure(device_name: str, model_name: str, precision: str, batch: int, steps: int, warmup: int,
-            eval_images: int, threads: int, barrier: Path | None = None) -> dict:
-    """Training and evaluation images/s of the trainer's path for one (precision, batch)."""
+            eval_images: int, threads: int, barrier: str | None = None) -> dict:
+    """Training and evaluation images/s of the trainer's path for one (precision, batch). `barrier`: a
+    folder where packed processes (`packed`) say they are ready and wait for "go" before timing."""
     import torch
 
-    from ltsearch.data import TensorLoader, lt_class_counts, normalization
+    from ltsearch.data import TensorLoader, normalization
     from ltsearch.losses import build_loss
     from ltsearch.models import build_model
     from ltsearch.optim import sgd_step
@@ -90,9 +101,8 @@ def measure(device_name: str, model_name: str, precision: str, batch: int, steps
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device(device_name)
-    counts = [min(n, 480) for n in lt_class_counts(500, 100, 100.0)]  # CIFAR-100-LT IF 100, val removed
-    y = torch.repeat_interleave(torch.arange(100), torch.tensor(counts))
-    x = torch.randint(0, 256, (len(y), 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = synthetic_cifar100_lt()
+    x, y, counts = images.train_x, images.train_y, images.class_counts
     norm = {**normalization("cifar100"), "device": device, "channels_last": True}
     loader = TensorLoader(x, y, batch, train=True, seed=0, **norm)
     model = build_model(model_name, 100).to(device, memory_format=torch.channels_last).train()
@@ -100,19 +110,12 @@ def measure(device_name: str, model_name: str, precision: str, batch: int, steps
     loss_fn = build_loss("ce", counts).to(device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    def batches():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    stream = batches()
+    stream = endless(loader)
     for i in range(warmup + steps):
         if i == warmup:
             if barrier is not None:  # packed runs: start timing together
-                (barrier / f"ready-{os.getpid()}").touch()
-                while not (barrier / "go").exists():
+                (Path(barrier) / f"ready-{os.getpid()}").touch()
+                while not (Path(barrier) / "go").exists():
                     time.sleep(0.01)
             _sync(device)
             started = time.perf_counter()
@@ -146,10 +149,6 @@ def measure(device_name: str, model_name: str, precision: str, batch: int, steps
 def throughput(args: argparse.Namespace) -> None:
     import torch
 
-    if args.child:
-        spec = json.loads(args.child)
-        print(json.dumps(measure(**spec, barrier=Path(args.barrier) if args.barrier else None)))
-        return
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     print(f"torch {torch.__version__} on {name}: {args.model}, 100 classes, channels_last, "
@@ -159,11 +158,9 @@ def throughput(args: argparse.Namespace) -> None:
         for precision in args.precisions:
             rows.append(measure(args.device, args.model, precision, batch, args.steps, args.warmup,
                                 args.eval_images, args.threads))
-    print("\n| batch | precision | train img/s | eval img/s | peak GPU memory MB |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['batch']} | {r['precision']} | {r['train_img_s']:,.0f} | {r.get('eval_img_s', 0):,.0f} | "
-              f"{r.get('peak_mem_mb', float('nan')):.0f} |")
+    print("\n" + table(["batch", "precision", "train img/s", "eval img/s", "peak GPU memory MB"],
+                       ([r["batch"], r["precision"], f"{r['train_img_s']:,.0f}", f"{r.get('eval_img_s', 0):,.0f}",
+                         f"{r.get('peak_mem_mb', float('nan')):.0f}"] for r in rows)))
     if args.concurrent > 1:
         packed(args)
 
@@ -177,14 +174,13 @@ def packed(args: argparse.Namespace) -> None:
     results = {}
     for k in (1, args.concurrent):
         with tempfile.TemporaryDirectory(prefix="gpu-check-barrier-") as barrier:
-            cmd = [sys.executable, __file__, "throughput", "--child", json.dumps(spec), "--barrier", barrier]
-            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+            procs = [spawn(measure, **spec, barrier=barrier) for _ in range(k)]
             while len(list(Path(barrier).glob("ready-*"))) < k:
-                if any(p.poll() not in (None, 0) for p in procs):
-                    raise SystemExit("a packed throughput process failed")
+                for failed in (p for p in procs if p.poll() not in (None, 0)):
+                    returned(failed)  # raises, with its error
                 time.sleep(0.05)
             (Path(barrier) / "go").touch()
-            results[k] = [json.loads(p.communicate()[0].strip().splitlines()[-1])["train_img_s"] for p in procs]
+            results[k] = [returned(p)["train_img_s"] for p in procs]
     one, many = results[1][0], results[args.concurrent]
     print(f"\npacked: {args.concurrent} processes training {args.model} (fp32, batch {spec['batch']}) at once on "
           f"{args.device}: {sum(many):,.0f} img/s in all ({', '.join(f'{r:,.0f}' for r in many)}), against "
@@ -196,8 +192,7 @@ def packed(args: argparse.Namespace) -> None:
 
 def peak_concurrency(history) -> int:
     """Most trials running at one time, from each trial's first start and last report."""
-    spans = history.assign(start=history["timestamp"] - history["time_total_s"]).groupby("trial_id").agg(
-        start=("start", "min"), end=("timestamp", "max"))
+    spans = trial_spans(history)
     events = sorted([(s, 1) for s in spans["start"]] + [(e, -1) for e in spans["end"]])
     running = peak = 0
     for _, change in events:
@@ -270,8 +265,6 @@ def main() -> None:
     p.add_argument("--eval-images", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a trial gets its CPUs' worth)")
     p.add_argument("--concurrent", type=int, default=4, help="processes at once for the packed measurement")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--barrier", help=argparse.SUPPRESS)
     p.set_defaults(func=throughput)
     p = commands.add_parser("search", help="the quick-start search with fractional GPUs, checked")
     p.add_argument("--root", required=True, help="CIFAR-10 root (from the data step)")

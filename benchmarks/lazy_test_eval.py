@@ -1,10 +1,11 @@
-"""Search-epoch time before and after lazy test evaluation, side by side (interleaved runs).
+"""How much faster is a search epoch with lazy test evaluation (`trainer.test_every`) than before it?
 
-One trial of the joint quick start this was measured on (now `benchmarks/gpu_check_space.yaml`; the quick
-start became a staged search): CIFAR-10-LT IF 100 (12,386 train, 200 val, 10,000 test images), ResNet-8,
-4 stage-1 + 2 stage-2 epochs, batch 128, that file's base config (searched values at their defaults), one torch thread
-(`cpus_per_worker: 1`). Each run is `python -m ltsearch train` in a fresh process, from a clean export
-(`git archive`) of a committed revision, so uncommitted work in the tree does not enter the timing:
+Method. One trial of the joint quick start this was measured on (now `benchmarks/gpu_check_space.yaml`; the
+quick start became a staged search): CIFAR-10-LT IF 100 (12,386 train, 200 val, 10,000 test images),
+ResNet-8, 4 stage-1 + 2 stage-2 epochs, batch 128, that file's base config (searched values at their
+defaults), one torch thread (`cpus_per_worker: 1`). Each run is `python -m ltsearch train` in a fresh
+process, from a clean export (`git archive`) of a committed revision, so uncommitted work in the tree does
+not enter the timing:
 
   before  --before (default: the commit before `trainer.test_every` existed): val and test every epoch
   epoch   --after (default HEAD) with `trainer.test_every: epoch`: test every epoch (stage 2 already
@@ -20,25 +21,26 @@ swing with the other processes; the run's CPU seconds (user + system, from getru
 ratio is reported too (it includes each run's start-up, ~the same in every arm, so it understates the
 per-epoch ratio a little).
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py            # 3 reps, ~15 min idle
+Command (docs/benchmarks.md, "Lazy test evaluation"; its second table adds --reps 1 --stage1-epochs 12
+--stage2-epochs 4):
+
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py --reps 3   # ~15 min idle
     LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/lazy_test_eval.py --reps 1 --stage1-epochs 1 \\
-        --stage2-epochs 1                                                                # smoke test
+        --stage2-epochs 1                                                               # smoke test
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+from common import interleaved, per_rep_ratios, read_metrics, run_command, spread, table, train_command
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("before", "epoch", "best")
@@ -78,21 +80,16 @@ def quickstart_config(path: Path, args: argparse.Namespace) -> Path:
 
 
 def run(arm: str, tree: Path, config: Path, out: Path) -> dict:
-    sets = [] if arm == "before" else ["--set", f"trainer.test_every={arm}"]
-    started, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config), *sets, "--out", str(out)],
-                          cwd=tree, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    if proc.returncode != 0:
-        raise SystemExit(f"{arm} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    history = json.loads((out / "metrics.json").read_text())["history"]
+    """One arm's `python -m ltsearch train` in the exported `tree`: its epoch times, wall and CPU seconds."""
+    sets = [] if arm == "before" else [f"trainer.test_every={arm}"]
+    finished = run_command(train_command(config, out, *sets), env={**os.environ, "PYTHONPATH": str(tree)},
+                           cwd=tree)
+    history = read_metrics(out)["history"]
     times = [h["epoch_time_s"] for h in history]
     by_stage = {s: [h["epoch_time_s"] for h in history if h["stage"] == s] for s in (1, 2)}
     return {"arm": arm, "epoch_s": statistics.mean(times), "stage1_s": statistics.mean(by_stage[1]),
-            "stage2_s": statistics.mean(by_stage[2]) if by_stage[2] else float("nan"), "wall_s": wall, "cpu_s": cpu,
+            "stage2_s": statistics.mean(by_stage[2]) if by_stage[2] else float("nan"), "wall_s": finished.wall_s,
+            "cpu_s": finished.cpu_s,
             "test_epochs": sum(h.get("has_test", True) for h in history), "epochs": len(history),
             "val_acc": [round(h["val_acc"], 1) for h in history],
             "test_acc": history[-1]["test_acc"]}
@@ -125,37 +122,35 @@ def main() -> None:
         if {"epoch", "best"} & set(args.arms):
             trees["after"] = export(args.after, tmp / "after")
         config = quickstart_config(tmp / "quickstart_trial.yaml", args)
-        for rep in range(args.reps):
-            for arm in args.arms:
-                tree = trees["before" if arm == "before" else "after"]
-                result = {**run(arm, tree, config, tmp / f"{arm}-{rep}"), "rep": rep, "load": load_average()}
-                runs.append(result)
-                print(f"  rep {rep} {arm:6s} epoch {result['epoch_s']:6.2f} s (stage 1 {result['stage1_s']:6.2f}, "
-                      f"stage 2 {result['stage2_s']:6.2f}), wall {result['wall_s']:6.1f} s, CPU {result['cpu_s']:6.1f} s, "
-                      f"test evaluated at "
-                      f"{result['test_epochs']}/{result['epochs']} epochs, val {result['val_acc']}, final test "
-                      f"{result['test_acc']:.2f}; load {result['load']}", flush=True)
+        for rep, arm in interleaved(args.reps, args.arms):
+            tree = trees["before" if arm == "before" else "after"]
+            result = {**run(arm, tree, config, tmp / f"{arm}-{rep}"), "rep": rep, "load": load_average()}
+            runs.append(result)
+            print(f"  rep {rep} {arm:6s} epoch {result['epoch_s']:6.2f} s (stage 1 {result['stage1_s']:6.2f}, "
+                  f"stage 2 {result['stage2_s']:6.2f}), wall {result['wall_s']:6.1f} s, CPU {result['cpu_s']:6.1f} s, "
+                  f"test evaluated at {result['test_epochs']}/{result['epochs']} epochs, val {result['val_acc']}, "
+                  f"final test {result['test_acc']:.2f}; load {result['load']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
 
-    print("\n| arm | search epoch s, median (min..max) | stage-1 epoch s | stage-2 epoch s | run wall s "
-          "| run CPU s | test evaluated (epochs) | epoch speed-up vs before | vs epoch | run CPU vs before |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for arm in args.arms:
         mine = [r for r in runs if r["arm"] == arm]
-        epochs = [r["epoch_s"] for r in mine]
 
         def ratio(ref: str, key: str = "epoch_s", arm=arm, mine=mine) -> str:
-            paired = [o[key] / r[key] for r in mine for o in runs if o["arm"] == ref and o["rep"] == r["rep"]]
+            paired = per_rep_ratios([r for r in runs if r["arm"] == ref], mine, key)
             return f"{statistics.median(paired):.2f}x" if paired and ref != arm else ""
 
-        print(f"| {arm} | {statistics.median(epochs):.2f} ({min(epochs):.2f}..{max(epochs):.2f}) | "
-              f"{statistics.median(r['stage1_s'] for r in mine):.2f} | "
-              f"{statistics.median(r['stage2_s'] for r in mine):.2f} | "
-              f"{statistics.median(r['wall_s'] for r in mine):.1f} | "
-              f"{statistics.median(r['cpu_s'] for r in mine):.1f} | "
-              f"{'/'.join(sorted({str(r['test_epochs']) for r in mine}))} of {mine[0]['epochs']} | "
-              f"{ratio('before')} | {ratio('epoch')} | {ratio('before', 'cpu_s')} |")
+        rows.append([arm, spread((r["epoch_s"] for r in mine), ".2f"),
+                     f"{statistics.median(r['stage1_s'] for r in mine):.2f}",
+                     f"{statistics.median(r['stage2_s'] for r in mine):.2f}",
+                     f"{statistics.median(r['wall_s'] for r in mine):.1f}",
+                     f"{statistics.median(r['cpu_s'] for r in mine):.1f}",
+                     f"{'/'.join(sorted({str(r['test_epochs']) for r in mine}))} of {mine[0]['epochs']}",
+                     ratio("before"), ratio("epoch"), ratio("before", "cpu_s")])
+    print("\n" + table(["arm", "search epoch s, median (min..max)", "stage-1 epoch s", "stage-2 epoch s", "run wall s",
+                         "run CPU s", "test evaluated (epochs)", "epoch speed-up vs before", "vs epoch",
+                         "run CPU vs before"], rows))
     print(f"\nload average at the end: {load_average()}")
 
 

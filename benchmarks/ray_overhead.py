@@ -1,7 +1,8 @@
-"""What Ray costs per trial: one trial through `run_search.py` against `python -m ltsearch train`.
+"""What does Ray cost per trial: one trial through `run_search.py` against `python -m ltsearch train`, and
+where does the time go?
 
-Compared (CIFAR-10-LT IF 100, ResNet-8, batch 128, stage 2 disabled, 2 threads in both paths), for 1 and
-3 stage-1 epochs, interleaved (plain, search, search, plain, ...), median over `--reps`:
+Method. Compared (CIFAR-10-LT IF 100, ResNet-8, batch 128, stage 2 disabled, 2 threads in both paths), for
+1 and 3 stage-1 epochs, interleaved (plain, search, search, plain, ...), median over `--reps`:
   plain   `python -m ltsearch train CONFIG --out DIR`                         (wall of the process)
   search  `python run_search.py SPACE` with num_samples 1 (one CPU-2 trial)   (wall of the process)
 Overhead = search - plain (start-up of a local Ray, its dashboard, the trial actor, Tune's result and
@@ -18,13 +19,16 @@ plain / through run_search.py / through run_search.py with the local Ray started
 with vs without torchvision), `ltsearch.build.load_data`, one checkpoint save, one val+test evaluation.
 Targets: overhead < 10 s per trial, and < 10 % of a trial of 2 minutes or more.
 
-    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py      # about an hour on the 2-core machine (`long`: 12 min a rep)
+Commands (docs/benchmarks.md, section 2: its first tables, then "The fix"):
+
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py --parts single four cpu variants pieces  # ~20 min
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py --parts four long --reps 2              # ~28 min
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/ray_overhead.py    # all parts: about an hour on the 2-core machine
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import runpy
 import statistics
@@ -35,21 +39,24 @@ import time
 from pathlib import Path
 
 import yaml
+from common import (
+    alternating,
+    interleaved,
+    median_seconds,
+    private_ray_env,
+    read_metrics,
+    run_command,
+    search_command,
+    seconds,
+    table,
+    train_command,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"data": {"dataset": "cifar10", "imbalance_factor": 100},
         "model": {"name": "resnet8"},
         "stage1": {"epochs": 1, "batch_size": 128, "lr": 0.1, "weight_decay": 5.0e-4},
         "stage2": {"enabled": False}}
-
-
-def run(cmd: list[str], env: dict) -> float:
-    """Wall seconds of `cmd` (run from the repository root); raises with its output tail if it fails."""
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return time.perf_counter() - started
 
 
 def cpu_by_process(cmd: list[str], env: dict) -> tuple[float, dict[str, float]]:
@@ -96,6 +103,17 @@ def write_space(path: Path, epochs: int, num_samples: int, cpus: int, space: dic
     return path
 
 
+def write_base(space: Path, path: Path) -> Path:
+    """The plain run's config: the search space's base."""
+    path.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
+    return path
+
+
+def epochs_s(run: Path) -> float:
+    """Sum of the epoch times of a `python -m ltsearch train --out RUN` run."""
+    return sum(h["epoch_time_s"] for h in read_metrics(run)["history"])
+
+
 def trial_times(exp: Path) -> list[dict]:
     """Per trial: launch (its folder's time stamp), end (last result), Ray's time_total_s, sum of epoch_time_s."""
     import pandas as pd
@@ -116,13 +134,16 @@ def trial_times(exp: Path) -> list[dict]:
 def pieces(env: dict) -> dict:
     """Start-up pieces, each timed in this process or a fresh interpreter (median of 3)."""
     py = sys.executable
-    out = {"python_import_torch_s": statistics.median(run([py, "-c", "import torch"], env) for _ in range(3)),
-           "python_import_ltsearch_search_s": statistics.median(
-               run([py, "-c", "import ltsearch.search"], env) for _ in range(3))}
+
+    def python_c(code: str) -> float:
+        return run_command([py, "-c", code], env=env).wall_s
+
+    out = {"python_import_torch_s": statistics.median(python_c("import torch") for _ in range(3)),
+           "python_import_ltsearch_search_s": statistics.median(python_c("import ltsearch.search") for _ in range(3))}
     without, with_tv = [], []  # what torchvision (imported by ltsearch.models) adds to every trial process
     for _ in range(5):
-        without.append(run([py, "-c", "import torch, ray.tune, optuna, pandas"], env))
-        with_tv.append(run([py, "-c", "import torch, ray.tune, optuna, pandas, torchvision.models"], env))
+        without.append(python_c("import torch, ray.tune, optuna, pandas"))
+        with_tv.append(python_c("import torch, ray.tune, optuna, pandas, torchvision.models"))
     out["python_import_deps_without_torchvision_s"] = statistics.median(without)
     out["python_import_deps_with_torchvision_s"] = statistics.median(with_tv)
     proc = subprocess.run([py, "-X", "importtime", "-c", "import ltsearch.search"], cwd=ROOT, env=env, check=False,
@@ -142,12 +163,8 @@ def pieces(env: dict) -> dict:
     from ltsearch.models import build_model
 
     config = ExperimentConfig.model_validate(BASE)
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        data = load_data(config)
-        times.append(time.perf_counter() - started)
-    out["load_data_s"] = statistics.median(times)
+    out["load_data_s"] = median_seconds(3, load_data, config)
+    data = load_data(config)
     torch.set_num_threads(2)
     for name in ("resnet8", "resnet32"):
         model = build_model(name, 10).to(memory_format=torch.channels_last)
@@ -157,67 +174,56 @@ def pieces(env: dict) -> dict:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "best": {1: {"model": model.state_dict()}}, "history": []}
         with tempfile.TemporaryDirectory() as tmp:
-            times = []
-            for _ in range(3):
-                started = time.perf_counter()
-                torch.save(state, Path(tmp) / "state.pt")
-                times.append(time.perf_counter() - started)
-            out[f"checkpoint_save_{name}_s"] = statistics.median(times)
+            out[f"checkpoint_save_{name}_s"] = median_seconds(3, torch.save, state, Path(tmp) / "state.pt")
             out[f"checkpoint_{name}_mb"] = (Path(tmp) / "state.pt").stat().st_size / 2**20
         model.eval()
-        times = []
-        for _ in range(2):
-            started = time.perf_counter()
-            with torch.no_grad():
-                for x_u8, y in ((data.val_x, data.val_y), (data.test_x, data.test_y)):
-                    for x, _ in TensorLoader(x_u8, y, 512, MEAN["cifar10"], STD["cifar10"], train=False,
-                                             channels_last=True):
-                        model(x)
-            times.append(time.perf_counter() - started)
-        out[f"eval_val_test_{name}_s"] = min(times)
+
+        @torch.no_grad()
+        def evaluate(model=model) -> None:
+            for x_u8, y in ((data.val_x, data.val_y), (data.test_x, data.test_y)):
+                for x, _ in TensorLoader(x_u8, y, 512, MEAN["cifar10"], STD["cifar10"], train=False,
+                                         channels_last=True):
+                    model(x)
+
+        out[f"eval_val_test_{name}_s"] = min(seconds(evaluate) for _ in range(2))
     return out
 
 
 def single_trials(args, env: dict, work: Path) -> list[dict]:
     """Interleaved plain / search runs of one trial, for each epoch count; prints the comparison."""
-    py, rows = sys.executable, []
-    for rep in range(args.reps):
-        for epochs in args.epochs:
-            row = {"rep": rep, "epochs": epochs}
-            space = write_space(work / f"space-{rep}-{epochs}.yaml", epochs, 1, 2,
-                                {"stage1.weight_decay": {"choice": [5.0e-4]}})
-            config = work / f"config-{epochs}.yaml"
-            config.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
-            plain = [py, "-m", "ltsearch", "train", str(config), "--out", str(work / f"plain-{rep}-{epochs}")]
-            search = [py, "run_search.py", str(space), "--storage", str(work), "--name", f"search-{rep}-{epochs}"]
-            order = [("plain", plain), ("search", search)]
-            for name, cmd in (order if rep % 2 == 0 else order[::-1]):
-                row[f"{name}_s"] = run(cmd, env)
-            metrics = json.loads((work / f"plain-{rep}-{epochs}" / "metrics.json").read_text())
-            row["plain_epochs_s"] = sum(h["epoch_time_s"] for h in metrics["history"])
-            trial = trial_times(work / f"search-{rep}-{epochs}")[0]
-            row["search_time_total_s"], row["search_epochs_s"] = trial["time_total_s"], trial["epochs_s"]
-            row["overhead_s"] = row["search_s"] - row["plain_s"]
-            rows.append(row)
-            print(f"  rep {rep} epochs {epochs}: plain {row['plain_s']:.1f} s (epochs {row['plain_epochs_s']:.1f} s)"
-                  f"  search {row['search_s']:.1f} s (Ray time_total_s {row['search_time_total_s']:.1f} s, epochs "
-                  f"{row['search_epochs_s']:.1f} s)  overhead {row['overhead_s']:.1f} s", flush=True)
+    rows = []
+    for rep, epochs in interleaved(args.reps, args.epochs):
+        row = {"rep": rep, "epochs": epochs}
+        space = write_space(work / f"space-{rep}-{epochs}.yaml", epochs, 1, 2,
+                            {"stage1.weight_decay": {"choice": [5.0e-4]}})
+        config = write_base(space, work / f"config-{epochs}.yaml")
+        plain = train_command(config, work / f"plain-{rep}-{epochs}")
+        search = search_command(space, work, f"search-{rep}-{epochs}")
+        for name, cmd in alternating(rep, [("plain", plain), ("search", search)]):
+            row[f"{name}_s"] = run_command(cmd, env=env).wall_s
+        row["plain_epochs_s"] = epochs_s(work / f"plain-{rep}-{epochs}")
+        trial = trial_times(work / f"search-{rep}-{epochs}")[0]
+        row["search_time_total_s"], row["search_epochs_s"] = trial["time_total_s"], trial["epochs_s"]
+        row["overhead_s"] = row["search_s"] - row["plain_s"]
+        rows.append(row)
+        print(f"  rep {rep} epochs {epochs}: plain {row['plain_s']:.1f} s (epochs {row['plain_epochs_s']:.1f} s)"
+              f"  search {row['search_s']:.1f} s (Ray time_total_s {row['search_time_total_s']:.1f} s, epochs "
+              f"{row['search_epochs_s']:.1f} s)  overhead {row['overhead_s']:.1f} s", flush=True)
 
-    print("\n| epochs | plain s | search s | overhead s | search / plain | search: driver-side s "
-          "(wall - time_total_s) | search: in-trial s (time_total_s - epochs) | plain: outside epochs s | "
-          "epochs s, search / plain |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    med = {}
+    med, lines = {}, []
     for epochs in args.epochs:
         mine = [r for r in rows if r["epochs"] == epochs]
-        m = {k: statistics.median(r[k] for r in mine) for k in mine[0] if k not in ("rep", "epochs")}
-        med[epochs] = m
-        print(f"| {epochs} | {m['plain_s']:.1f} | {m['search_s']:.1f} | {m['overhead_s']:.1f} | "
-              f"{statistics.median(r['search_s'] / r['plain_s'] for r in mine):.2f} | "
-              f"{statistics.median(r['search_s'] - r['search_time_total_s'] for r in mine):.1f} | "
-              f"{statistics.median(r['search_time_total_s'] - r['search_epochs_s'] for r in mine):.1f} | "
-              f"{statistics.median(r['plain_s'] - r['plain_epochs_s'] for r in mine):.1f} | "
-              f"{statistics.median(r['search_epochs_s'] / r['plain_epochs_s'] for r in mine):.2f} |")
+        m = med[epochs] = {k: statistics.median(r[k] for r in mine) for k in mine[0] if k not in ("rep", "epochs")}
+        lines.append([epochs, f"{m['plain_s']:.1f}", f"{m['search_s']:.1f}", f"{m['overhead_s']:.1f}",
+                      f"{statistics.median(r['search_s'] / r['plain_s'] for r in mine):.2f}",
+                      f"{statistics.median(r['search_s'] - r['search_time_total_s'] for r in mine):.1f}",
+                      f"{statistics.median(r['search_time_total_s'] - r['search_epochs_s'] for r in mine):.1f}",
+                      f"{statistics.median(r['plain_s'] - r['plain_epochs_s'] for r in mine):.1f}",
+                      f"{statistics.median(r['search_epochs_s'] / r['plain_epochs_s'] for r in mine):.2f}"])
+    print("\n" + table(["epochs", "plain s", "search s", "overhead s", "search / plain",
+                         "search: driver-side s (wall - time_total_s)",
+                         "search: in-trial s (time_total_s - epochs)", "plain: outside epochs s",
+                         "epochs s, search / plain"], lines))
     lo, hi = min(args.epochs), max(args.epochs)
     if hi > lo:  # overhead(E) = fixed + per_epoch * E; when does a trial last 2 minutes?
         per_epoch = (med[hi]["overhead_s"] - med[lo]["overhead_s"]) / (hi - lo)
@@ -236,7 +242,7 @@ def four_trials(args, env: dict, work: Path) -> dict:
     space4 = write_space(work / "space4.yaml", args.concurrent_epochs, 4, 1,
                          {"stage1.weight_decay": {"loguniform": [1.0e-4, 1.0e-2]}})
     started = time.time()
-    wall4 = run([sys.executable, "run_search.py", str(space4), "--storage", str(work), "--name", "search4"], env)
+    wall4 = run_command(search_command(space4, work, "search4"), env=env).wall_s
     trials = trial_times(work / "search4")
     span = max(t["end"] for t in trials) - min(t["launched"] for t in trials)
     epochs4 = sum(t["epochs_s"] for t in trials)
@@ -258,18 +264,17 @@ def long_trials(args, env: dict, work: Path) -> list[dict]:
     once-per-search cost (driver imports, starting and stopping the local Ray); per-trial overhead is the
     slot time of its trials (2 slots x (last result - first launch)) beyond the plain runs' (2 slots x their
     wall), per trial."""
-    epochs, py, rows = args.long_epochs, sys.executable, []
+    epochs, rows = args.long_epochs, []
     print(f"\n4 trials of {epochs} epochs, 1 CPU each, 2 concurrent: search vs plain pairs", flush=True)
     space = write_space(work / "space-long.yaml", epochs, 4, 1, {"stage1.weight_decay": {"choice": [5.0e-4]}})
-    config = work / "config-long.yaml"
-    config.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
+    config = write_base(space, work / "config-long.yaml")
     for rep in range(args.reps):
         row = {"rep": rep}
-        for variant in ("plain", "search") if rep % 2 == 0 else ("search", "plain"):
+        for variant in alternating(rep, ("plain", "search")):
             if variant == "search":
                 name = f"long-search-{rep}"
                 started = time.time()
-                row["search_s"] = run([py, "run_search.py", str(space), "--storage", str(work), "--name", name], env)
+                row["search_s"] = run_command(search_command(space, work, name), env=env).wall_s
                 trials = trial_times(work / name)
                 row["search_span_s"] = max(t["end"] for t in trials) - min(t["launched"] for t in trials)
                 row["search_first_launch_s"] = min(t["launched"] for t in trials) - started
@@ -278,13 +283,11 @@ def long_trials(args, env: dict, work: Path) -> list[dict]:
             started, epoch_s = time.perf_counter(), 0.0
             for pair in ((0, 1), (2, 3)):
                 outs = [work / f"long-plain-{rep}-{i}" for i in pair]
-                procs = [subprocess.Popen([py, "-m", "ltsearch", "train", str(config), "--out", str(out),
-                                           "--set", "trainer.num_threads=1"], cwd=ROOT, env=env,
+                procs = [subprocess.Popen(train_command(config, out, "trainer.num_threads=1"), cwd=ROOT, env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for out in outs]
                 if any(proc.wait() for proc in procs):
                     raise RuntimeError(f"a plain run failed: {outs}")
-                epoch_s += sum(h["epoch_time_s"] for out in outs
-                               for h in json.loads((out / "metrics.json").read_text())["history"])
+                epoch_s += sum(epochs_s(out) for out in outs)
             row["plain_s"], row["plain_epochs_s"] = time.perf_counter() - started, epoch_s
         row["per_trial_overhead_s"] = 2 * (row["search_span_s"] - row["plain_s"]) / 4  # 2 slots, 4 trials
         row["trial_s"] = row["plain_s"] / 2
@@ -306,16 +309,13 @@ def cpu_breakdown(args, env: dict, work: Path) -> dict:
     """CPU seconds by process of one plain run and one single-trial search of max(--epochs) epochs."""
     epochs = max(args.epochs)
     space = write_space(work / "space-cpu.yaml", epochs, 1, 2, {"stage1.weight_decay": {"choice": [5.0e-4]}})
-    config = work / "config-cpu.yaml"
-    config.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
-    py, out = sys.executable, {}
-    out["plain"] = cpu_by_process([py, "-m", "ltsearch", "train", str(config), "--out", str(work / "plain-cpu")], env)
-    out["search"] = cpu_by_process([py, "run_search.py", str(space), "--storage", str(work), "--name", "search-cpu"],
-                                   env)
+    config = write_base(space, work / "config-cpu.yaml")
+    out = {"plain": cpu_by_process(train_command(config, work / "plain-cpu"), env),
+           "search": cpu_by_process(search_command(space, work, "search-cpu"), env)}
     for name, (wall, cpu) in out.items():
         print(f"\nCPU seconds by process, {name} ({epochs} epochs, wall {wall:.1f} s, CPU {sum(cpu.values()):.1f} s):")
-        for kind, seconds in cpu.items():
-            print(f"  {kind:45s} {seconds:6.1f}")
+        for kind, cpu_s in cpu.items():
+            print(f"  {kind:45s} {cpu_s:6.1f}")
     return out
 
 
@@ -337,31 +337,27 @@ def child_search(space: str, storage: str, name: str, variant: str) -> None:
 
 def variants(args, env: dict, work: Path) -> list[dict]:
     """Single trial of max(--epochs) epochs: plain vs search as shipped vs without the dashboard, interleaved."""
-    epochs, py, rows = max(args.epochs), sys.executable, []
+    epochs, rows = max(args.epochs), []
     space = write_space(work / "space-var.yaml", epochs, 1, 2, {"stage1.weight_decay": {"choice": [5.0e-4]}})
-    config = work / "config-var.yaml"
-    config.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
+    config = write_base(space, work / "config-var.yaml")
     names = ["plain", "shipped", "nodash"]
-    for rep in range(args.reps):
-        for variant in names if rep % 2 == 0 else names[::-1]:
-            name = f"var-{variant}-{rep}"
-            if variant == "plain":
-                wall = run([py, "-m", "ltsearch", "train", str(config), "--out", str(work / name)], env)
-                history = json.loads((work / name / "metrics.json").read_text())["history"]
-                rows.append({"variant": variant, "wall_s": wall, "epochs_s": sum(h["epoch_time_s"] for h in history)})
-            else:
-                wall = run([py, __file__, "--child-search", str(space), str(work), name, variant], env)
-                trial = trial_times(work / name)[0]
-                rows.append({"variant": variant, "wall_s": wall, "epochs_s": trial["epochs_s"]})
-            print(f"  rep {rep} {variant:14s} wall {rows[-1]['wall_s']:.1f} s, epochs {rows[-1]['epochs_s']:.1f} s",
-                  flush=True)
-    print(f"\n| variant ({epochs} epochs) | wall s | overhead vs plain s | sum of epoch times s | epochs vs plain |")
-    print("| --- | --- | --- | --- | --- |")
+    for rep, variant in interleaved(args.reps, names, alternate=True):
+        name = f"var-{variant}-{rep}"
+        if variant == "plain":
+            wall = run_command(train_command(config, work / name), env=env).wall_s
+            rows.append({"variant": variant, "wall_s": wall, "epochs_s": epochs_s(work / name)})
+        else:
+            wall = run_command([sys.executable, __file__, "--child-search", space, work, name, variant], env=env).wall_s
+            rows.append({"variant": variant, "wall_s": wall, "epochs_s": trial_times(work / name)[0]["epochs_s"]})
+        print(f"  rep {rep} {variant:14s} wall {rows[-1]['wall_s']:.1f} s, epochs {rows[-1]['epochs_s']:.1f} s",
+              flush=True)
     med = {v: {k: statistics.median(r[k] for r in rows if r["variant"] == v) for k in ("wall_s", "epochs_s")}
            for v in names}
-    for v in names:
-        print(f"| {v} | {med[v]['wall_s']:.1f} | {med[v]['wall_s'] - med['plain']['wall_s']:.1f} | "
-              f"{med[v]['epochs_s']:.1f} | {med[v]['epochs_s'] / med['plain']['epochs_s']:.3f} |")
+    print("\n" + table([f"variant ({epochs} epochs)", "wall s", "overhead vs plain s", "sum of epoch times s",
+                         "epochs vs plain"],
+                        ([v, f"{med[v]['wall_s']:.1f}", f"{med[v]['wall_s'] - med['plain']['wall_s']:.1f}",
+                          f"{med[v]['epochs_s']:.1f}", f"{med[v]['epochs_s'] / med['plain']['epochs_s']:.3f}"]
+                         for v in names)))
     return rows
 
 
@@ -379,9 +375,7 @@ def main() -> None:
     if args.child_search:
         child_search(*args.child_search)
         return
-    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="ltb-ray-"))  # a private local Ray, never
-    env.setdefault("LTSEARCH_DATA", "/tmp/ltdata")                          # another user's cluster
-    env.pop("RAY_ADDRESS", None)
+    env = private_ray_env()
     work = Path(tempfile.mkdtemp(prefix="ltbench-ray-"))
     print(f"work dir {work}", flush=True)
     results = {}

@@ -1,7 +1,7 @@
-"""Reference-style CIFAR-10-LT training: plain cross-entropy on a ResNet-32, trained the way the published
-LDAM-DRW code trains it, so ltsearch's numbers can be calibrated against a run on the same data copy.
+"""What does plain cross-entropy on a ResNet-32 reach on our CIFAR-10-LT copy when trained the way the
+published LDAM-DRW code trains it? (A reference-style run, to calibrate ltsearch's numbers against.)
 
-Reproduces the "ERM / CE" row of Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware
+Method. Reproduces the "ERM / CE" row of Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware
 Margin Loss" (NeurIPS 2019), CIFAR-10-LT, exponential profile, imbalance ratio 100 (published: 70.36 % top-1,
 the best test accuracy over epochs). Standalone: it does not import ltsearch. Written after the public
 repository kaidic/LDAM-DRW (MIT licence), master at 2536330; the three files below are unchanged since
@@ -30,7 +30,12 @@ test accuracy over evaluated epochs (`best_test_acc_test_selected`: selected ON 
 reference does; not a fair model-selection number), per-class and many/medium/few accuracy at the end, and
 the wall time. Accuracies are in percent.
 
-    # full run: 200 epochs, the test set every 5 epochs and in each of the last 10
+Command (docs/STANDARD.md, the reference run: `docs/standard/reference_seed0/reference.json`):
+
+    .venv/bin/python benchmarks/reference_cifar_lt.py --data "$LTSEARCH_DATA" --eval-every 5 --threads 1 \\
+        --precision bf16 --resume --out runs/standard/reference_seed0.json
+
+    # full run, fp32: 200 epochs, the test set every 5 epochs and in each of the last 10
     .venv/bin/python benchmarks/reference_cifar_lt.py --data /tmp/ltdata --eval-every 5 --threads 1 \\
         --out benchmarks/results/reference_cifar10_lt_seed0.json
 

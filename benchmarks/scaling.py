@@ -1,13 +1,16 @@
-"""Seconds per epoch (train and evaluation separately) by dataset size and model, from short runs.
+"""How many seconds does an epoch take, training and evaluation apart, by dataset size and model, and what
+does that make of `search_spaces/wd_maxnorm.yaml` on a GPU cluster?
 
-Datasets: CIFAR-10-LT IF 100 (real, 12,386 train images), CIFAR-10-LT IF 10 (real, ~20.4k), and a CIFAR-100-LT
-IF 100-sized set of synthetic uint8 tensors (10,827 train, 2,000 val, 10,000 test, 100 classes). Models:
-ResNet-8/20/32. Each measurement times `--steps` training steps (the trainer's step: channels_last, SGD,
-per-step cosine LR, after `--warmup` steps) and the evaluation of `--eval-images` test images (the trainer's
-evaluate: features + per-class counts for the model and its tau-normalised classifier, batch 512), then
-extrapolates to a full epoch: train = steps per epoch x s/step, eval = (val + test images) x s/image.
-Repetitions are interleaved across all (dataset, model) pairs; medians reported. The per-epoch numbers feed
-the GPU-cluster estimate for `search_spaces/wd_maxnorm.yaml` in docs/benchmarks.md.
+Method. Datasets: CIFAR-10-LT IF 100 (real, 12,386 train images), CIFAR-10-LT IF 10 (real, ~20.4k), and a
+CIFAR-100-LT IF 100-sized set of synthetic uint8 tensors (10,827 train, 2,000 val, 10,000 test, 100
+classes). Models: ResNet-8/20/32. Each measurement times `--steps` training steps (the trainer's step:
+channels_last, SGD, per-step cosine LR, after `--warmup` steps) and the evaluation of `--eval-images` test
+images (the trainer's evaluate: features + per-class counts for the model and its tau-normalised
+classifier, batch 512), then extrapolates to a full epoch: train = steps per epoch x s/step, eval = (val +
+test images) x s/image. Repetitions are interleaved across all (dataset, model) pairs; medians reported.
+The per-epoch numbers feed the GPU-cluster estimate for `search_spaces/wd_maxnorm.yaml` in docs/benchmarks.md.
+
+Command (docs/benchmarks.md, section 4):
 
     LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/scaling.py           # ~6 min on the 2-core machine
 """
@@ -17,10 +20,12 @@ import argparse
 import os
 import statistics
 import time
+from itertools import product
 
 import torch
+from common import interleaved, synthetic_cifar100_lt, table
 
-from ltsearch.data import MEAN, STD, LongTailData, TensorLoader, load_longtail, lt_class_counts
+from ltsearch.data import MEAN, STD, LongTailData, TensorLoader, load_longtail
 from ltsearch.losses import build_loss
 from ltsearch.metrics import feature_counts
 from ltsearch.models import build_model
@@ -29,19 +34,6 @@ from ltsearch.regularizers import tau_normalize, weight_decay_groups
 from ltsearch.schedules import cosine_lr
 
 MODELS = ("resnet8", "resnet20", "resnet32")
-
-
-def synthetic_cifar100_lt() -> LongTailData:
-    counts = [min(n, 480) for n in lt_class_counts(500, 100, 100.0)]
-    g = torch.Generator().manual_seed(0)
-    y = torch.repeat_interleave(torch.arange(100), torch.tensor(counts))
-    y_val, y_test = torch.arange(100).repeat_interleave(20), torch.arange(100).repeat_interleave(100)
-
-    def images(n):
-        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-
-    return LongTailData(images(len(y)), y, images(len(y_val)), y_val, images(len(y_test)), y_test, counts,
-                        [str(c) for c in range(100)], 100)
 
 
 def measure(data: LongTailData, dataset: str, model_name: str, batch: int, steps: int, warmup: int,
@@ -88,26 +80,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sets = {"CIFAR-10-LT IF100": ("cifar10", load_longtail("cifar10", imbalance_factor=100)),
             "CIFAR-10-LT IF10": ("cifar10", load_longtail("cifar10", imbalance_factor=10)),
-            "CIFAR-100-LT IF100 (synthetic)": ("cifar100", synthetic_cifar100_lt())}
+            "CIFAR-100-LT IF100 (synthetic)": ("cifar100", synthetic_cifar100_lt(val_per_class=20, test_per_class=100))}
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.steps} steps + "
           f"{args.eval_images} eval images per measurement, {args.reps} interleaved reps", flush=True)
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for rep in range(args.reps):
-        for name, (dataset, data) in sets.items():
-            for model in MODELS:
-                t = measure(data, dataset, model, args.batch, args.steps, args.warmup, args.eval_images)
-                results.setdefault((name, model), []).append(t)
-                print(f"  rep {rep} {name:32s} {model:9s} train {t[0]:6.1f} s/epoch  eval {t[1]:5.1f} s/epoch",
-                      flush=True)
-    print("\n| dataset | train images | val + test images | model | train s/epoch | eval s/epoch | "
-          "train img/s | eval share of epoch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, (_, data) in sets.items():
-        for model in MODELS:
-            train_s = statistics.median(t[0] for t in results[(name, model)])
-            eval_s = statistics.median(t[1] for t in results[(name, model)])
-            print(f"| {name} | {len(data.train_y)} | {len(data.val_y) + len(data.test_y)} | {model} | "
-                  f"{train_s:.1f} | {eval_s:.1f} | {len(data.train_y) / train_s:.0f} | {eval_s / (train_s + eval_s):.0%} |")
+    for rep, ((name, (dataset, data)), model) in interleaved(args.reps, product(sets.items(), MODELS)):
+        t = measure(data, dataset, model, args.batch, args.steps, args.warmup, args.eval_images)
+        results.setdefault((name, model), []).append(t)
+        print(f"  rep {rep} {name:32s} {model:9s} train {t[0]:6.1f} s/epoch  eval {t[1]:5.1f} s/epoch", flush=True)
+    rows = []
+    for (name, (_, data)), model in product(sets.items(), MODELS):
+        train_s = statistics.median(t[0] for t in results[(name, model)])
+        eval_s = statistics.median(t[1] for t in results[(name, model)])
+        rows.append([name, len(data.train_y), len(data.val_y) + len(data.test_y), model, f"{train_s:.1f}",
+                     f"{eval_s:.1f}", f"{len(data.train_y) / train_s:.0f}", f"{eval_s / (train_s + eval_s):.0%}"])
+    print("\n" + table(["dataset", "train images", "val + test images", "model", "train s/epoch", "eval s/epoch",
+                         "train img/s", "eval share of epoch"], rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Search efficiency: ASHA + Optuna (run_search.py) against an exhaustive grid over stage-1 weight decay.
+"""Does ASHA + Optuna (run_search.py) find a stage-1 weight decay as good as an exhaustive grid's in fewer
+epochs?
 
-CIFAR-10-LT IF 100, ResNet-8, 6 stage-1 epochs (batch 128, lr 0.1), stage 2 disabled.
+Method. CIFAR-10-LT IF 100, ResNet-8, 6 stage-1 epochs (batch 128, lr 0.1), stage 2 disabled.
   grid    8 log-spaced weight decays in [1e-4, 2e-2], each trained fully with `python -m ltsearch train`
           (one after another, 2 threads): 48 epochs in all
   search  `run_search.py`: stage1.weight_decay loguniform [1e-4, 2e-2], TPE (seed 0, 4 random start-up
@@ -9,18 +10,15 @@ Result: the fraction of the grid's 48 epochs that the search had used, counting 
 trial by trial in trial start order, when one of its epochs first reached a validation accuracy within 1
 point of the grid's best (best epoch of the best grid run). Target: at most 40 %.
 Validation is 100 images per class (1,000 in all, disjoint from train; the head class keeps 4,900): 1 point
-is 10 images.
+is 10 images. Runs already in --work are reused, not rerun.
 
-    LTSEARCH_DATA=/tmp/ltdata nohup .venv/bin/python benchmarks/search_efficiency.py > search_efficiency.log &
-    # ~25-35 min on the 2-core machine
+Command (docs/benchmarks.md, section 5):
+
+    LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/search_efficiency.py --work /tmp/b5   # ~60 min here
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from common import private_ray_env, read_metrics, run_command, search_command, train_command, trial_spans
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = {"data": {"dataset": "cifar10", "imbalance_factor": 100, "val_per_class": 100}, "model": {"name": "resnet8"},
         "stage1": {"epochs": 6, "batch_size": 128, "lr": 0.1}, "stage2": {"enabled": False}}
 
@@ -43,9 +41,7 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1.0, help="points of validation accuracy")
     parser.add_argument("--work", help="work folder (default: a new temporary one)")
     args = parser.parse_args()
-    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="ltb-ray-"))  # a private local Ray
-    env.setdefault("LTSEARCH_DATA", "/tmp/ltdata")
-    env.pop("RAY_ADDRESS", None)
+    env = private_ray_env()
     work = Path(args.work or tempfile.mkdtemp(prefix="ltbench-eff-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}", flush=True)
@@ -57,10 +53,8 @@ def main() -> None:
     for wd in np.geomspace(args.low, args.high, args.grid):
         out = work / f"grid-{wd:.2e}"
         if not (out / "metrics.json").exists():
-            subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config), "--set",
-                            f"stage1.weight_decay={wd:.6g}", "--out", str(out)], cwd=ROOT, env=env, check=True,
-                           capture_output=True)
-        history = json.loads((out / "metrics.json").read_text())["history"]
+            run_command(train_command(config, out, f"stage1.weight_decay={wd:.6g}"), env=env)
+        history = read_metrics(out)["history"]
         grid.append({"wd": wd, "best_val_acc": max(h["val_acc"] for h in history), "epochs": len(history)})
         print(f"  grid wd {wd:.2e}: best val_acc {grid[-1]['best_val_acc']:.1f}", flush=True)
     grid_wall = time.perf_counter() - started
@@ -76,14 +70,11 @@ def main() -> None:
     space.write_text(yaml.safe_dump(spec))
     started = time.perf_counter()
     if not (work / "search" / "history.csv").exists():
-        subprocess.run([sys.executable, "run_search.py", str(space), "--storage", str(work), "--name", "search"],
-                       cwd=ROOT, env=env, check=True, capture_output=True)
+        run_command(search_command(space, work, "search"), env=env)
     search_wall = time.perf_counter() - started
 
     history = pd.read_csv(work / "search" / "history.csv")
-    # Trial start = first result's time minus the time it took (Ray's time_total_s at that result).
-    starts = (history["timestamp"] - history["time_total_s"]).groupby(history["trial_id"]).min()
-    history["start"] = history["trial_id"].map(starts)
+    history["start"] = history["trial_id"].map(trial_spans(history)["start"])
     history = history.sort_values(["start", "trial_id", "epoch"]).reset_index(drop=True)
     history["cumulative_epochs"] = np.arange(1, len(history) + 1)
     reached = history[history["val_acc"] >= grid_best - args.tolerance]

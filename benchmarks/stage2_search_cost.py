@@ -1,7 +1,8 @@
-"""Stage-2 trials per minute: on cached features (staged mode) against rerunning the backbone.
+"""How many stage-2 trials a minute does a search run on cached features (staged mode), against rerunning the
+backbone, and through Ray against a plain loop?
 
-A stage-1 checkpoint of CIFAR-10-LT IF 100 (ResNet-20, 1 epoch, `python -m ltsearch train`) is made first,
-then its features are cached (`ltsearch.features.cache_features`, 4 views). Stage 2 as in
+Method. A stage-1 checkpoint of CIFAR-10-LT IF 100 (ResNet-20, 1 epoch, `python -m ltsearch train`) is made
+first, then its features are cached (`ltsearch.features.cache_features`, 4 views). Stage 2 as in
 `search_spaces/wd_maxnorm.yaml` (10 epochs, batch 64, CB softmax-BCE, weight decay, MaxNorm per step), with
 weight decay / MaxNorm threshold / beta drawn at random per trial:
   (i)   `ltsearch.features.fit_classifier` on the cache, in this process (2 threads; also 1 thread)
@@ -17,6 +18,8 @@ weight decay / MaxNorm threshold / beta drawn at random per trial:
 for every CIFAR ResNet here) and the training-set size, not on the backbone depth.
 Target: at least 50 stage-2 trials per minute on this 2-core machine.
 
+Command (docs/benchmarks.md, section 3; its idle rerun of (iii) adds --skip-local):
+
     LTSEARCH_DATA=/tmp/ltdata .venv/bin/python benchmarks/stage2_search_cost.py    # ~17 min on the 2-core machine
 """
 from __future__ import annotations
@@ -25,15 +28,21 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+from common import (
+    private_ray_env,
+    run_command,
+    search_command,
+    seconds,
+    table,
+    timed,
+    train_command,
+    trial_spans,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGE2 = {"epochs": 10, "batch_size": 64, "lr": 0.01, "loss": "cb_softmax_bce", "beta": 0.9999,
           "weight_decay": 0.1, "maxnorm_thresh": 0.1}
 BASE = {"data": {"dataset": "cifar10", "imbalance_factor": 100}, "model": {"name": "resnet20"},
@@ -53,7 +62,8 @@ def stage2_phase_rate(exp: Path) -> dict:
     history = pd.read_csv(exp / "history.csv")
     history = history[history["phase"] == "stage2"]
     n = history["trial_id"].nunique()
-    span = history["timestamp"].max() - (history["timestamp"] - history["time_total_s"]).min()
+    spans = trial_spans(history)
+    span = spans["end"].max() - spans["start"].min()
     per_trial = history.groupby("trial_id")["time_total_s"].max()
     return {"trials": n, "span_s": float(span), "trials_per_min": 60 * n / span,
             "median_trial_time_total_s": float(per_trial.median())}
@@ -90,38 +100,31 @@ def local_paths(args, work: Path) -> None:
 
     config_path = work / "stage1.yaml"
     config_path.write_text(yaml.safe_dump(BASE))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ltsearch", "train", str(config_path), "--out", str(work / "stage1")],
-                   cwd=ROOT, check=True, capture_output=True)
-    print(f"stage-1 checkpoint (ResNet-20, 1 epoch): {time.perf_counter() - started:.1f} s", flush=True)
+    stage1 = run_command(train_command(config_path, work / "stage1"))
+    print(f"stage-1 checkpoint (ResNet-20, 1 epoch): {stage1.wall_s:.1f} s", flush=True)
 
     torch.set_num_threads(2)
     config = ExperimentConfig.model_validate(BASE)
     checkpoint = str(work / "stage1" / "checkpoint")
-    started = time.perf_counter()
-    cache = cache_features(config, checkpoint, views=4)
-    print(f"cache_features (4 views + val + test, 2 threads): {time.perf_counter() - started:.1f} s", flush=True)
+    cache, cache_s = timed(cache_features, config, checkpoint, views=4)
+    print(f"cache_features (4 views + val + test, 2 threads): {cache_s:.1f} s", flush=True)
     data = load_data(config)
     rng = random.Random(0)
+
+    def trial_config():
+        return with_overrides(config, {"stage2.enabled": True, **sampled(rng)})
+
     fit_s, fit1_s, resume_s = [], [], []
     for rep in range(args.reps):
         for _ in range(args.fit_per_rep):
-            trial = with_overrides(config, {"stage2.enabled": True, **sampled(rng)})
-            started = time.perf_counter()
-            fit_classifier(cache, trial)
-            fit_s.append(time.perf_counter() - started)
+            fit_s.append(seconds(fit_classifier, cache, trial_config()))
         print(f"  rep {rep} (i) fit_classifier: {', '.join(f'{t:.2f}' for t in fit_s[-args.fit_per_rep:])} s",
               flush=True)
-        trial = with_overrides(config, {"stage2.enabled": True, **sampled(rng)})
-        started = time.perf_counter()
-        train(trial, resume_from=checkpoint, data=data)
-        resume_s.append(time.perf_counter() - started)
+        resume_s.append(seconds(train, trial_config(), resume_from=checkpoint, data=data))
         print(f"  rep {rep} (ii) train() resuming into stage 2: {resume_s[-1]:.1f} s", flush=True)
     torch.set_num_threads(1)
     for _ in range(args.fit_per_rep):
-        started = time.perf_counter()
-        fit_classifier(cache, with_overrides(config, {"stage2.enabled": True, **sampled(rng)}))
-        fit1_s.append(time.perf_counter() - started)
+        fit1_s.append(seconds(fit_classifier, cache, trial_config()))
     print(f"  (i) fit_classifier, 1 thread: {', '.join(f'{t:.2f}' for t in fit1_s)} s", flush=True)
 
     # (iv) what a staged search's second phase could be: an Optuna loop (TPE, SQLite study, the same space)
@@ -133,25 +136,26 @@ def local_paths(args, work: Path) -> None:
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{work / 'loop.db'}",
                                 sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=10, multivariate=True,
                                                                    group=True))
-    started = time.perf_counter()
-    for _ in range(args.stage2_trials):
-        trial = study.ask()
-        values = {"stage2.weight_decay": trial.suggest_float("stage2.weight_decay", 1e-3, 1.0, log=True),
-                  "stage2.maxnorm_thresh": trial.suggest_float("stage2.maxnorm_thresh", 0.0, 1.0),
-                  "stage2.beta": trial.suggest_categorical("stage2.beta", [0.9, 0.99, 0.999, 0.9999])}
-        metrics = fit_classifier(cache, with_overrides(config, {"stage2.enabled": True, **values}),
-                                 report=lambda m, t=trial: t.report(m["val_acc"], m["epoch"]))
-        study.tell(trial, metrics["val_acc"])
-    loop = (time.perf_counter() - started) / args.stage2_trials
+
+    def search_loop() -> None:
+        for _ in range(args.stage2_trials):
+            trial = study.ask()
+            values = {"stage2.weight_decay": trial.suggest_float("stage2.weight_decay", 1e-3, 1.0, log=True),
+                      "stage2.maxnorm_thresh": trial.suggest_float("stage2.maxnorm_thresh", 0.0, 1.0),
+                      "stage2.beta": trial.suggest_categorical("stage2.beta", [0.9, 0.99, 0.999, 0.9999])}
+            metrics = fit_classifier(cache, with_overrides(config, {"stage2.enabled": True, **values}),
+                                     report=lambda m, t=trial: t.report(m["val_acc"], m["epoch"]))
+            study.tell(trial, metrics["val_acc"])
+
+    loop = seconds(search_loop) / args.stage2_trials
     print(f"  (iv) Optuna loop + fit_classifier in one process: {loop:.2f} s per trial", flush=True)
 
     fit, fit1, resume = statistics.median(fit_s), statistics.median(fit1_s), statistics.median(resume_s)
-    print("\n| path | s per trial (median) | trials / min |")
-    print("| --- | --- | --- |")
-    print(f"| (i) fit_classifier on cached features, 2 threads | {fit:.2f} | {60 / fit:.1f} |")
-    print(f"| (i) fit_classifier, 1 thread (x2 concurrent = {2 * 60 / fit1:.1f} / min) | {fit1:.2f} | {60 / fit1:.1f} |")
-    print(f"| (ii) train() resumed into stage 2 (backbone rerun), 2 threads | {resume:.1f} | {60 / resume:.2f} |")
-    print(f"| (iv) Optuna ask/tell loop around (i), one process, 2 threads | {loop:.2f} | {60 / loop:.1f} |")
+    print("\n" + table(["path", "s per trial (median)", "trials / min"], [
+        ["(i) fit_classifier on cached features, 2 threads", f"{fit:.2f}", f"{60 / fit:.1f}"],
+        [f"(i) fit_classifier, 1 thread (x2 concurrent = {2 * 60 / fit1:.1f} / min)", f"{fit1:.2f}", f"{60 / fit1:.1f}"],
+        ["(ii) train() resumed into stage 2 (backbone rerun), 2 threads", f"{resume:.1f}", f"{60 / resume:.2f}"],
+        ["(iv) Optuna ask/tell loop around (i), one process, 2 threads", f"{loop:.2f}", f"{60 / loop:.1f}"]]))
     print(f"(i) / (ii) speed-up: {resume / fit:.0f}x (2 threads each)", flush=True)
 
 
@@ -168,14 +172,11 @@ def ray_search(args, work: Path) -> None:
                         "resources": {"num_workers": 1, "cpus_per_worker": 1}}}
     space_path = work / "staged.yaml"
     space_path.write_text(yaml.safe_dump(space))
-    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="ltb-ray-"))  # a private local Ray
-    env.pop("RAY_ADDRESS", None)
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "run_search.py", str(space_path), "--storage", str(work), "--name", "staged"],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    search = run_command(search_command(space_path, work, "staged"), env=private_ray_env())
     rate = stage2_phase_rate(work / "staged")
-    print(f"(iii) staged search via Ray: {time.perf_counter() - started:.0f} s in all; stage 2: {rate}")
+    print(f"(iii) staged search via Ray: {search.wall_s:.0f} s in all; stage 2: {rate}")
     print(f"\n(iii) stage-2 trials per minute through Ray: {rate['trials_per_min']:.1f} (target >= 50)")
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,10 @@
-"""Images per second of the streaming pipeline against the in-memory path, on the same CIFAR-10-LT images.
+"""How many images a second does the streaming pipeline (JPEG files decoded as they are needed) deliver,
+against the in-memory path, on the same CIFAR-10-LT images, and where does the difference go?
 
-The real CIFAR-10 copy in its two forms: the python pickles (`../shared/data/make_cifar10.py`, ltsearch's
-CIFAR path) and the same images as JPEG files with long-tailed list files (`make_cifar10_lists.py --only-lt`,
-made here in a temporary folder unless --lists is given). A training epoch, batch 128, 32 px, no model:
+Method. The real CIFAR-10 copy in its two forms: the python pickles (`../shared/data/make_cifar10.py`,
+ltsearch's CIFAR path) and the same images as JPEG files with long-tailed list files
+(`make_cifar10_lists.py --only-lt`, made here in a temporary folder unless --lists is given). A training
+epoch, batch 128, 32 px, no model:
 
   memory_cifar    `TensorLoader` over CIFAR-10-LT from the pickles (batched pad-4 crop + flip, normalise)
   memory_lists    the same `TensorLoader` over the JPEG lists decoded once (`data.pipeline: memory`); the
@@ -17,10 +19,12 @@ the file, JPEG decode to RGB, the per-image seeded generator, random-resized cro
 uint8 tensor), and per batch (stack + normalise).
 
 Repetitions are interleaved (A, B, C, ... A, B, C, ...); files are read once before timing (page cache warm,
-as from the second epoch on).
+as from the second epoch on). The result is printed (and written with --out) as JSON.
 
-    python benchmarks/streaming_data.py --cifar /tmp/ltdata                  # ~3 min on the shared 2-core machine
-    python benchmarks/streaming_data.py --cifar /tmp/ltdata --images 1024 --reps 1   # smoke test
+Command (docs/benchmarks.md, "Streaming data"):
+
+    python benchmarks/streaming_data.py --cifar /tmp/ltdata --out /tmp/streaming.json   # ~3 min on the shared 2-core machine
+    python benchmarks/streaming_data.py --cifar /tmp/ltdata --images 1024 --reps 1      # smoke test
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from common import cpu_seconds, interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_LISTS = REPO.parent / "shared" / "data" / "make_cifar10_lists.py"
@@ -51,13 +55,6 @@ def list_config(lists: Path, **data):
                  "val_list": "../CIFAR10_LT_val.txt", "test_list": "../CIFAR10_LT_test.txt", "image_size": 32,
                  **data},
         "trainer": {"num_threads": 1, "channels_last": True}})
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and of its live children (the DataLoader workers)."""
-    me = psutil.Process()
-    children = sum(c.cpu_times().user + c.cpu_times().system for c in me.children(recursive=True))
-    return time.process_time() + children
 
 
 def rate(loader, images: int, epoch: int) -> tuple[float, float]:
@@ -151,12 +148,11 @@ def main() -> None:
             loaders[f"stream_w{workers}"] = split_loader(config, stream, "train", BATCH, train=True)
         rates: dict[str, list[float]] = {name: [] for name in loaders}
         cpu: dict[str, list[float]] = {name: [] for name in loaders}
-        for rep in range(args.reps):
-            for name, loader in loaders.items():
-                images_per_s, us = rate(loader, args.images, rep)
-                rates[name].append(images_per_s)
-                cpu[name].append(us)
-                print(f"rep {rep} {name}: {images_per_s:,.0f} images/s, {us:,.0f} CPU us/image", flush=True)
+        for rep, (name, loader) in interleaved(args.reps, loaders.items()):
+            images_per_s, us = rate(loader, args.images, rep)
+            rates[name].append(images_per_s)
+            cpu[name].append(us)
+            print(f"rep {rep} {name}: {images_per_s:,.0f} images/s, {us:,.0f} CPU us/image", flush=True)
         steps = breakdown(stream.train_x, min(args.images or 4096, len(stream.train_y)))
 
     result = {

@@ -1,7 +1,8 @@
-"""Training throughput (images/s) of ltsearch's stage-1 step path against two alternatives.
+"""How many images a second does ltsearch's stage-1 training step reach, against the compute limit (no data
+pipeline at all) and against the torchvision pipeline of the original weight-balancing code?
 
-Compared, for ResNet-32 with 100 classes on 3x32x32 images (CIFAR-100-LT IF 100 shapes: 10,827 synthetic
-uint8 images with the long-tailed class counts), batch 64 and 128, the same model, SGD and loss step as
+Method. ResNet-32 with 100 classes on 3x32x32 images (CIFAR-100-LT IF 100 shapes: 10,827 synthetic uint8
+images with the long-tailed class counts), batch 64 and 128, the same model, SGD and loss step as
 `ltsearch/train.py` (per-step cosine LR, weight decay on all parameters, `loss.detach()` accumulated):
 
   ltsearch          `ltsearch.data.TensorLoader` (uint8 tensor, batched crop+flip, normalise), channels_last
@@ -15,10 +16,13 @@ uint8 images with the long-tailed class counts), batch 64 and 128, the same mode
   original_w0       (b') torchvision_w0 with the fp32 contiguous model: the original code as written
   *_data            the data pipeline alone (no model): its ms per batch bounds what it can cost a step
 
-Every measurement runs in a fresh subprocess (so peak RSS is per configuration): warm-up steps, then
-`--steps` timed steps. Repetitions are interleaved (A, B, C, ... A, B, C, ...) and medians reported.
+Every measurement runs in a fresh process (so peak RSS is per configuration): warm-up steps, then `--steps`
+timed steps. Repetitions are interleaved (A, B, C, ... A, B, C, ...); the table gives medians, and
+`ltsearch / config` as the median of the per-repetition ratios.
 Targets: ltsearch >= 0.95x compute_cl (within 5% of the compute limit);
          ltsearch >= 1.3x torchvision_w0 and torchvision_w2 (and original_w0).
+
+Command (docs/benchmarks.md, section 1):
 
     .venv/bin/python benchmarks/trainer_throughput.py                 # ~25 min on the 2-core machine
     .venv/bin/python benchmarks/trainer_throughput.py --steps 30 --reps 1 --batch-sizes 64   # smoke test
@@ -29,25 +33,22 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
-import sys
 import time
+from itertools import product
+
+from common import (
+    cpu_seconds,
+    endless,
+    in_fresh_process,
+    interleaved,
+    per_rep_ratios,
+    spread,
+    synthetic_cifar100_lt,
+    table,
+)
 
 CONFIGS = ("ltsearch", "compute_cl", "compute_fp32", "torchvision_w0", "torchvision_w2", "original_w0",
            "ltsearch_data", "torchvision_w0_data")
-
-
-def synthetic_cifar100_lt(seed: int = 0):
-    """uint8 images (N, 3, 32, 32) and labels with CIFAR-100-LT IF 100 train counts (val's 20 removed)."""
-    import torch
-
-    from ltsearch.data import lt_class_counts
-
-    counts = [min(n, 480) for n in lt_class_counts(500, 100, 100.0)]
-    y = torch.repeat_interleave(torch.arange(100), torch.tensor(counts))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (len(y), 3, 32, 32), dtype=torch.uint8, generator=g)
-    return x, y, counts
 
 
 def batches(name: str, x, y, batch: int):
@@ -58,12 +59,7 @@ def batches(name: str, x, y, batch: int):
 
     mean, std = MEAN["cifar100"], STD["cifar100"]
     if name == "ltsearch":
-        loader = TensorLoader(x, y, batch, mean, std, train=True, seed=0, channels_last=True)
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+        yield from endless(TensorLoader(x, y, batch, mean, std, train=True, seed=0, channels_last=True))
     elif name.startswith("compute"):
         fmt = torch.channels_last if name == "compute_cl" else torch.contiguous_format
         loader = TensorLoader(x, y, batch, mean, std, train=True, seed=0)
@@ -118,7 +114,8 @@ def measure(name: str, batch: int, steps: int, warmup: int, threads: int, model_
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rss_imports = _peak_rss_mb()
-    x, y, counts = synthetic_cifar100_lt()
+    images = synthetic_cifar100_lt()
+    x, y, counts = images.train_x, images.train_y, images.class_counts
     data_only = name.endswith("_data")
     data = batches(name.removesuffix("_data"), x, y, batch)
     fmt = torch.contiguous_format if name in ("compute_fp32", "original_w0") else torch.channels_last
@@ -127,11 +124,9 @@ def measure(name: str, batch: int, steps: int, warmup: int, threads: int, model_
     loss_fn = build_loss("ce", counts)
     total = warmup + steps
     loss_sum = torch.zeros((), dtype=torch.float64)
-    me = psutil.Process()
     for i in range(total):
         if i == warmup:
-            started, cpu0 = time.perf_counter(), me.cpu_times()
-            child_cpu0 = sum(c.cpu_times().user + c.cpu_times().system for c in me.children())
+            started, cpu0 = time.perf_counter(), cpu_seconds()
         xb, yb = next(data)
         if name.startswith("torchvision"):  # the model's memory format, as TensorLoader yields it
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -141,10 +136,8 @@ def measure(name: str, batch: int, steps: int, warmup: int, threads: int, model_
             loss = loss_fn(model(xb).float(), yb)
         sgd_step(optimizer, loss, cosine_lr(i, total, 0, 0.01))
         loss_sum += loss.detach().double()
-    elapsed, cpu1 = time.perf_counter() - started, me.cpu_times()
-    workers = me.children()  # DataLoader workers (none for the tensor paths)
-    cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system
-           + sum(c.cpu_times().user + c.cpu_times().system for c in workers) - child_cpu0)
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu0
+    workers = psutil.Process().children()  # DataLoader workers (none for the tensor paths)
     worker_rss = max((_peak_rss_mb(c.pid) for c in workers), default=0.0)
     assert torch.isfinite(loss_sum)
     return {"config": name, "precision": precision, "batch": batch, "img_s": steps * batch / elapsed, "img_per_cpu_s": steps * batch / cpu,
@@ -163,53 +156,42 @@ def main() -> None:
     parser.add_argument("--model", default="resnet32", help="e.g. resnet8 to see a cheaper model")
     parser.add_argument("--json", help="also write every measurement to this file")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.batch, args.steps, args.warmup, args.threads, args.model,
-                                 args.precision)))
-        return
 
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, 100 classes, "
           f"{args.steps} timed steps after {args.warmup}, {args.reps} interleaved reps", flush=True)
     runs: list[dict] = []
-    for rep in range(args.reps):
-        for batch in args.batch_sizes:
-            for name in args.configs:
-                cmd = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--steps",
-                       str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--model", args.model]
-                out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-                out["rep"] = rep
-                out["model"] = args.model
-                runs.append(out)
-                print(f"  rep {rep} batch {batch:4d} {name:15s} {out['img_s']:7.1f} img/s  "
-                      f"peak RSS {out['peak_rss_mb']:.0f} MB (workers {out['worker_peak_rss_mb']:.0f} MB)",
-                      flush=True)
+    for rep, (batch, name) in interleaved(args.reps, product(args.batch_sizes, args.configs)):
+        out = in_fresh_process(measure, name=name, batch=batch, steps=args.steps, warmup=args.warmup,
+                               threads=args.threads, model_name=args.model, precision=args.precision)
+        runs.append({**out, "rep": rep, "model": args.model})
+        print(f"  rep {rep} batch {batch:4d} {name:15s} {out['img_s']:7.1f} img/s  "
+              f"peak RSS {out['peak_rss_mb']:.0f} MB (workers {out['worker_peak_rss_mb']:.0f} MB)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
 
     targets = {"compute_cl": 0.95, "torchvision_w0": 1.30, "torchvision_w2": 1.30, "original_w0": 1.30}
-    print("\n| batch | config | img/s median (min..max) | ms/batch | img per CPU-s | peak RSS MB main (after imports) "
-          "/ workers | ltsearch / config, median of per-rep ratios | target |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for batch in args.batch_sizes:
+        ours = [r for r in runs if r["batch"] == batch and r["config"] == "ltsearch"]
         for name in args.configs:
             mine = [r for r in runs if r["batch"] == batch and r["config"] == name]
-            rates = [r["img_s"] for r in mine]
-            med = statistics.median(rates)
-            paired = [a["img_s"] / b["img_s"] for a in runs for b in mine
-                      if a["batch"] == batch and a["rep"] == b["rep"] and a["config"] == "ltsearch"]
-            ratio = f"{statistics.median(paired):.3f}" if paired and name != "ltsearch" else ""
+            med = statistics.median(r["img_s"] for r in mine)
+            ratios = per_rep_ratios(ours, mine, "img_s")
+            ratio = f"{statistics.median(ratios):.3f}" if ratios and name != "ltsearch" else ""
             target = targets.get(name)
             verdict = "" if target is None or not ratio else f">= {target} {'met' if float(ratio) >= target else 'MISSED'}"
-            print(f"| {batch} | {name} | {med:.1f} ({min(rates):.1f}..{max(rates):.1f}) | {1000 * batch / med:.1f} | "
-                  f"{statistics.median(r['img_per_cpu_s'] for r in mine):.1f} | "
-                  f"{max(r['peak_rss_mb'] for r in mine):.0f} ({max(r['rss_after_imports_mb'] for r in mine):.0f}) / "
-                  f"{max(r['worker_peak_rss_mb'] for r in mine):.0f} | {ratio} | {verdict} |")
+            rows.append([batch, name, spread(r["img_s"] for r in mine), f"{1000 * batch / med:.1f}",
+                         f"{statistics.median(r['img_per_cpu_s'] for r in mine):.1f}",
+                         (f"{max(r['peak_rss_mb'] for r in mine):.0f} "
+                          f"({max(r['rss_after_imports_mb'] for r in mine):.0f}) / "
+                          f"{max(r['worker_peak_rss_mb'] for r in mine):.0f}"), ratio, verdict])
+    print("\n" + table(["batch", "config", "img/s median (min..max)", "ms/batch", "img per CPU-s",
+                         "peak RSS MB main (after imports) / workers",
+                         "ltsearch / config, median of per-rep ratios", "target"], rows))
 
 
 if __name__ == "__main__":
