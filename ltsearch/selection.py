@@ -6,6 +6,7 @@ its sampling noise and says which trials the validation set cannot tell apart:
 
     accuracy_interval(30.5, 200)              # (24.5, 37.2): 95 % Wilson interval, in percent
     tied(30.5, 28.5, 200, 200)                # True: 4 images apart, well within the noise
+    mcnemar_p(16, 4)                          # 0.012: the same 200 images, 16 won against 4 lost
     needed_validation_size(30.5, 2.0)         # ~4,100 images to resolve 2 points at 30.5 %
 
 Choices, and why:
@@ -15,11 +16,30 @@ Choices, and why:
   binomial one (law of total variance): the pooled interval is slightly conservative, and it applies to
   any accuracy a results row holds (overall, a shot group, tau-normalised) from its count of images alone.
   Wilson, not the normal approximation: it stays inside [0, 100] and is sound at 0 % or 100 %.
-- "Tied with the best" is Newcombe's hybrid score interval for a difference of two proportions, built
-  from the two Wilson intervals (Newcombe 1998, method 10): tied when that interval of (best - other)
-  contains 0. Trials are scored on the same images, so a paired test (McNemar) would be sharper, but it
-  needs per-image predictions, which no result keeps; the unpaired test ignores the (positive) correlation
-  between two models' errors, so it calls ties generously rather than separating trials on noise.
+- "Tied with the best" is, where both trials kept their validation predictions, McNemar's EXACT test
+  (`mcnemar_p`): trials are scored on the same images in the same order, so only the images on which they
+  disagree carry information about which is better. Of the b images only the best got right and the c
+  only the other got right, under "equally accurate" each of the b + c is the best's with probability 1/2,
+  so b ~ Binomial(b + c, 1/2) and the two-sided p is 2 P(X <= min(b, c)), capped at 1. Tied when
+  p >= 1 - CONFIDENCE (0.05). Exact, not the chi-squared approximation: near the top of a search the
+  trials differ on a handful of images (b + c of 10 or 20), where the approximation is poor, and the
+  binomial needs no distributional assumption beyond the validation images being independent draws.
+  Paired, because two trained models' errors are strongly correlated (most images are easy or hard for
+  both): two models that agree on 90 % of 200 images and differ by 6 points (b = 16, c = 4) are
+  separated (p = 0.012) where the unpaired interval, which treats them as scored on different images,
+  calls them tied (`tests/test_selection.py` builds that pair).
+- The fallback, for a trial without predictions (an older result, a searched `data.*` key so that trials
+  saw different validation images), is Newcombe's hybrid score interval for a difference of two
+  proportions, built from the two Wilson intervals (Newcombe 1998, method 10): tied when that interval of
+  (best - other) contains 0. It ignores the (positive) correlation between two models' errors, so it calls
+  ties generously rather than separating trials on noise.
+- What is kept, per trial: per-image correctness at the epoch its row is ranked by (for the classifier and
+  its tau-normalised copy), as packed bits (`pack_correct`): one bit an image, so ImageNet-LT's 20,000
+  validation images take 2,500 bytes per classifier; the trainer's `val_predictions.npy` (last and
+  best-by-validation epoch, both classifiers) 10 KB, a stage-2 task's record (base64 in its Optuna trial's
+  user attributes) 6.7 kB. Predicted labels would take 40 KB per classifier (uint16) for nothing the test
+  needs: which images a model gets right is all McNemar's counts use, and a group objective
+  (`val_acc_few`) selects its images by the true labels, which the driver has.
 - The validation size needed to resolve a difference D at accuracy p is the normal-approximation size of
   that same unpaired test: n = 2 z^2 p (1 - p) / D^2, per configuration.
 
@@ -29,6 +49,7 @@ over seeds (`confirmation_summary`). Test accuracies are never used here.
 """
 from __future__ import annotations
 
+import base64
 import math
 import re
 from statistics import NormalDist
@@ -39,13 +60,20 @@ import pandas as pd
 __all__ = [
     "CONFIDENCE",
     "accuracy_interval",
+    "compare_with_best",
     "confirmation_summary",
+    "decode_correct",
+    "encode_correct",
     "is_missing",
+    "mcnemar_counts",
+    "mcnemar_p",
     "metric_group",
     "needed_validation_size",
+    "pack_correct",
     "resolution_note",
     "tied",
     "tied_with_best",
+    "unpack_correct",
     "wilson_interval",
 ]
 
@@ -90,18 +118,89 @@ def tied(best: float, other: float, n_best: int, n_other: int, z: float = _Z) ->
     return other - best <= math.hypot(hi_b - best, other - lo_o)
 
 
-def tied_with_best(values: pd.Series, sizes: pd.Series, direction: str = "max") -> pd.Series:
-    """Per row: tied with the row of the best value (which is tied with itself). NA where a row has no
-    value or no validation size."""
+def mcnemar_counts(best: np.ndarray, other: np.ndarray) -> tuple[int, int]:
+    """(b, c): images only `best` got right, images only `other` got right (boolean per-image correctness of
+    two models on the same images in the same order)."""
+    best, other = np.asarray(best, dtype=bool), np.asarray(other, dtype=bool)
+    if best.shape != other.shape:
+        raise ValueError(f"paired predictions must cover the same images: {best.shape} and {other.shape}")
+    return int((best & ~other).sum()), int((~best & other).sum())
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided p of McNemar's exact test: 2 P(X <= min(b, c)) for X ~ Binomial(b + c, 1/2), capped at 1
+    (1 when the models never disagree). Integer arithmetic, exact for any count."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    term = tail = 1  # C(n, 0)
+    for i in range(k):
+        term = term * (n - i) // (i + 1)  # C(n, i + 1)
+        tail += term
+    return min(1.0, 2 * tail / 2**n)  # int / int: correctly rounded however large
+
+
+def tied_with_best(values: pd.Series, sizes: pd.Series, direction: str = "max",
+                   correct: pd.Series | None = None) -> pd.Series:
+    """Per row: tied with the row of the best value (which is tied with itself); `compare_with_best`'s rule.
+    NA where a row has no value or no validation size."""
+    return compare_with_best(values, sizes, direction, correct)["tied_with_best"]
+
+
+def compare_with_best(values: pd.Series, sizes: pd.Series, direction: str = "max",
+                      correct: pd.Series | None = None) -> pd.DataFrame:
+    """Per row, against the row of the best value: `tied_with_best` (McNemar's exact test where both rows have
+    per-image correctness in `correct`, each a boolean array over the same images; Newcombe's unpaired
+    interval otherwise), `tie_test` (which decided: "mcnemar" or "newcombe"), `tied_unpaired` (Newcombe's
+    answer, for every row), and for paired rows `only_best_right` / `only_trial_right` (McNemar's b and c)
+    and `mcnemar_p`."""
     values, sizes = pd.to_numeric(values, errors="coerce"), pd.to_numeric(sizes, errors="coerce")
-    out = pd.Series(pd.NA, index=values.index, dtype="boolean")
+    out = pd.DataFrame({"tied_with_best": pd.Series(pd.NA, index=values.index, dtype="boolean"),
+                        "tie_test": pd.Series(pd.NA, index=values.index, dtype="object"),
+                        "tied_unpaired": pd.Series(pd.NA, index=values.index, dtype="boolean"),
+                        "only_best_right": pd.Series(pd.NA, index=values.index, dtype="Int64"),
+                        "only_trial_right": pd.Series(pd.NA, index=values.index, dtype="Int64"),
+                        "mcnemar_p": pd.Series(math.nan, index=values.index, dtype="float")})
     known = values.notna() & sizes.notna() & (sizes > 0)
     if not known.any():
         return out
     best = values[known].idxmax() if direction == "max" else values[known].idxmin()
+    best_correct = None if correct is None else correct.get(best)
     for index in values[known].index:
-        out[index] = tied(values[best], values[index], int(sizes[best]), int(sizes[index]))
+        unpaired = tied(values[best], values[index], int(sizes[best]), int(sizes[index]))
+        out.loc[index, "tied_unpaired"] = unpaired
+        other = None if correct is None else correct.get(index)
+        if best_correct is None or other is None or np.shape(best_correct) != np.shape(other):
+            out.loc[index, ["tied_with_best", "tie_test"]] = [unpaired, "newcombe"]
+            continue
+        b, c = mcnemar_counts(best_correct, other)
+        p = mcnemar_p(b, c)
+        out.loc[index, ["only_best_right", "only_trial_right", "mcnemar_p"]] = [b, c, p]
+        out.loc[index, ["tied_with_best", "tie_test"]] = [p >= 1 - CONFIDENCE, "mcnemar"]
     return out
+
+
+def pack_correct(correct: np.ndarray) -> np.ndarray:
+    """Per-image correctness (boolean, images on the last axis) as uint8 bits, 8 images a byte."""
+    return np.packbits(np.asarray(correct, dtype=bool), axis=-1)
+
+
+def unpack_correct(packed: np.ndarray, images: int) -> np.ndarray:
+    """`pack_correct` undone, for a validation set of `images` images."""
+    return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1, count=images).astype(bool)
+
+
+def encode_correct(correct: np.ndarray) -> dict:
+    """Per-image correctness as JSON (an Optuna user attribute): its shape and its packed bits in base64."""
+    correct = np.asarray(correct, dtype=bool)
+    return {"shape": list(correct.shape), "bits": base64.b64encode(pack_correct(correct).tobytes()).decode()}
+
+
+def decode_correct(record: dict) -> np.ndarray:
+    """`encode_correct` undone."""
+    shape = tuple(record["shape"])
+    packed = np.frombuffer(base64.b64decode(record["bits"]), dtype=np.uint8)
+    return unpack_correct(packed.reshape(*shape[:-1], -1), shape[-1])
 
 
 def needed_validation_size(accuracy: float, difference: float, z: float = _Z) -> int:
@@ -123,28 +222,35 @@ def metric_group(metric: str) -> str | None:
 
 
 def resolution_note(values: pd.Series, sizes: pd.Series, direction: str = "max",
-                    classes: int | None = None) -> str | None:
+                    classes: int | None = None, correct: pd.Series | None = None) -> str | None:
     """One line when the validation set cannot resolve the search's top two trials (the runner-up is tied
-    with the best): how many images it has, the best's interval, how many trials are tied, and about how
-    many images would resolve the gap. None when the top two are resolved (or there are fewer than two).
-    `classes`: the classes behind the metric, to say the size per class."""
+    with the best by `compare_with_best`'s rule, paired where `correct` has both trials' per-image
+    correctness): how many images it has, the best's interval, how many trials are tied (by the paired test
+    and by the unpaired interval), and about how many images would resolve the gap. None when the top two
+    are resolved (or there are fewer than two). `classes`: the classes behind the metric, to say the size
+    per class."""
     frame = pd.DataFrame({"value": pd.to_numeric(values, errors="coerce"),
                           "n": pd.to_numeric(sizes, errors="coerce")}).dropna()
     if len(frame) < 2:
         return None
-    frame = frame.sort_values("value", ascending=direction == "min")
-    (best, n), (second, n2) = frame.iloc[0], frame.iloc[1]
-    if not tied(best, second, int(n), int(n2)):
+    frame = frame.sort_values("value", ascending=direction == "min", kind="stable")
+    compared = compare_with_best(frame["value"], frame["n"], direction, correct)
+    (best, n), (second, _) = frame.iloc[0], frame.iloc[1]
+    if not compared.at[frame.index[1], "tied_with_best"]:
         return None
     n = int(n)
-    ties = int(tied_with_best(frame["value"], frame["n"], direction).sum())
+    ties, unpaired = int(compared["tied_with_best"].sum()), int(compared["tied_unpaired"].sum())
+    paired = int((compared["tie_test"] == "mcnemar").sum())
+    how = "" if not paired else (
+        f" by McNemar's paired test on their validation predictions ({unpaired} by the unpaired interval"
+        + (f"; {len(frame) - paired} without predictions judged unpaired)" if paired < len(frame) else ")"))
     gap = max(abs(best - second), 100 / n)  # equal values: one image is the smallest difference there is
     needed = needed_validation_size(best, gap)
     lo, hi = accuracy_interval(best, n)
     per_class = f" (data.val_per_class: {math.ceil(needed / classes):,})" if classes else ""
     return (f"validation has {n:,} images: the best trial's {best:.1f} % has a {CONFIDENCE:.0%} interval of "
             f"{lo:.1f}-{hi:.1f} %, and {ties} of {len(frame)} trials (the best included) are statistically tied "
-            f"with it; resolving the {gap:.1f}-point gap to the runner-up needs about {needed:,} validation "
+            f"with it{how}; resolving the {gap:.1f}-point gap to the runner-up needs about {needed:,} validation "
             f"images{per_class}, or confirm the top trials with fresh seeds (search.confirm)")
 
 

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from ltsearch.selection import (
     accuracy_interval,
+    compare_with_best,
     confirmation_summary,
+    decode_correct,
+    encode_correct,
+    mcnemar_counts,
+    mcnemar_p,
     metric_group,
     needed_validation_size,
+    pack_correct,
     resolution_note,
     tied,
     tied_with_best,
+    unpack_correct,
     wilson_interval,
 )
 
@@ -121,3 +129,82 @@ def test_confirmation_follows_the_direction():
     runs = _runs({"a": [0.5, 0.7], "b": [0.2, 0.4]})
     assert confirmation_summary(runs, "min")["confirmed_trial"].tolist() == ["b", "a"]
     assert confirmation_summary(pd.DataFrame(columns=["confirmed_trial", "seed", "objective", "status"])).empty
+
+
+def test_mcnemar_counts_and_exact_p_on_hand_worked_arrays():
+    best = np.array([1, 1, 0, 0, 1], dtype=bool)
+    other = np.array([1, 0, 0, 1, 1], dtype=bool)
+    # image 1: only best right (b = 1); image 3: only other right (c = 1); images 0, 2, 4 agree
+    assert mcnemar_counts(best, other) == (1, 1)
+    # n = 2, k = 1: 2 (C(2,0) + C(2,1)) / 2^2 = 2 * 3 / 4 = 1.5 -> capped at 1
+    assert mcnemar_p(1, 1) == 1.0
+    assert mcnemar_p(0, 0) == 1.0  # never disagree: nothing tells them apart
+    # n = 5, k = 0: 2 * 1 / 32 = 0.0625: five wins to none is not yet significant at 5 %
+    assert mcnemar_p(5, 0) == pytest.approx(0.0625)
+    # n = 6, k = 0: 2 / 64 = 0.03125
+    assert mcnemar_p(0, 6) == pytest.approx(0.03125)
+    # n = 20, k = 4: 2 (1 + 20 + 190 + 1140 + 4845) / 2^20 = 12392 / 1048576 = 0.0118179
+    assert mcnemar_p(16, 4) == pytest.approx(0.0118179, abs=1e-7)
+    # n = 10, k = 2: 2 (1 + 10 + 45) / 1024 = 0.109375
+    assert mcnemar_p(8, 2) == pytest.approx(0.109375)
+    # large counts stay exact and finite: 10,000 against 9,000 is far beyond noise, 5,000 each is not
+    assert mcnemar_p(10_000, 9_000) < 1e-10
+    assert mcnemar_p(5_000, 5_000) == 1.0
+    with pytest.raises(ValueError, match="same images"):
+        mcnemar_counts(best, other[:4])
+
+
+def _ninety_percent_agreement() -> tuple[np.ndarray, np.ndarray]:
+    """Two models on the same 200 images: A right on 80 (40 %), B on 68 (34 %); they disagree on 20
+    images (90 % agreement): 16 only A gets right, 4 only B."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(200)
+    a = np.zeros(200, dtype=bool)
+    a[order[:80]] = True
+    b = a.copy()
+    b[order[:16]] = False  # A's wins
+    b[order[80:84]] = True  # B's wins
+    return a, b
+
+
+def test_paired_rule_separates_what_the_unpaired_rule_calls_tied():
+    a, b = _ninety_percent_agreement()
+    assert (a == b).mean() == 0.9 and a.mean() == 0.40 and b.mean() == 0.34
+    values, sizes = pd.Series([40.0, 34.0]), pd.Series([200, 200])
+    # unpaired (Newcombe, as if scored on different images): 6 points on 200 images is within the noise
+    assert tied(40.0, 34.0, 200, 200)
+    assert tied_with_best(values, sizes).tolist() == [True, True]
+    # paired: b = 16, c = 4, p = 0.0118 < 0.05
+    compared = compare_with_best(values, sizes, correct=pd.Series([a, b]))
+    assert compared["tied_with_best"].tolist() == [True, False]
+    assert compared["tied_unpaired"].tolist() == [True, True]
+    assert compared["tie_test"].tolist() == ["mcnemar", "mcnemar"]
+    assert compared["only_best_right"].tolist() == [0, 16] and compared["only_trial_right"].tolist() == [0, 4]
+    assert compared.at[1, "mcnemar_p"] == pytest.approx(0.0118179, abs=1e-7)
+    # the note follows the rule: the top two are resolved by the paired test, so nothing to say
+    assert resolution_note(values, sizes) is not None
+    assert resolution_note(values, sizes, correct=pd.Series([a, b])) is None
+
+
+def test_rows_without_predictions_fall_back_to_the_unpaired_rule():
+    a, b = _ninety_percent_agreement()
+    values, sizes = pd.Series([40.0, 34.0, 39.0]), pd.Series([200, 200, 200])
+    compared = compare_with_best(values, sizes, correct=pd.Series([a, None, a]))
+    assert compared["tie_test"].tolist() == ["mcnemar", "newcombe", "mcnemar"]
+    assert compared["tied_with_best"].tolist() == [True, True, True]  # 34 % unpaired: tied; 39 % == a: p = 1
+    assert pd.isna(compared.at[1, "mcnemar_p"])
+    # the best without predictions: every row is judged unpaired
+    assert set(compare_with_best(values, sizes, correct=pd.Series([None, b, a]))["tie_test"]) == {"newcombe"}
+    note = resolution_note(values, sizes, correct=pd.Series([a, None, a]))
+    assert "3 of 3 trials" in note and "McNemar's paired test" in note
+    assert "(3 by the unpaired interval; 1 without predictions judged unpaired)" in note
+
+
+def test_correctness_packs_to_a_bit_an_image_and_round_trips():
+    correct = np.random.default_rng(1).random((2, 20_000)) < 0.5  # ImageNet-LT's validation set, 2 classifiers
+    packed = pack_correct(correct)
+    assert packed.dtype == np.uint8 and packed.shape == (2, 2_500)  # 2,500 bytes per classifier
+    assert (unpack_correct(packed, 20_000) == correct).all()
+    record = encode_correct(correct[:, :203])  # not a multiple of 8
+    assert (decode_correct(record) == correct[:, :203]).all()
+    assert len(encode_correct(correct)["bits"]) == 6_668  # base64 of 5,000 bytes, in an Optuna user attribute
