@@ -99,7 +99,9 @@ def _stage1_head(config: ExperimentConfig, cache: dict) -> LTClassifier:
 def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
     """Stage 2 (any `stage2.mode`, `loss` and `sampler`, weight decay, MaxNorm) on cached features; post-hoc tau
     with `config.posthoc.tau`. Calls `report(metrics)` after every epoch and returns the last metrics.
-    With `stage2.enabled: false` the stage-1 classifier is only evaluated (one report): a tau search."""
+    With `stage2.enabled: false` the stage-1 classifier is only evaluated (one report): a tau search.
+    Every epoch's metrics hold `val_correct`, the per-image validation correctness of the classifier and of
+    its tau-normalised copy (a (2, images) bool tensor, in the cache's val order), for the paired tie test."""
     cfg, seed = config.stage2, config.trainer.seed
     model = _stage1_head(config, cache)
     groups = class_groups(cache["class_counts"])
@@ -107,7 +109,7 @@ def fit_classifier(cache: dict, config: ExperimentConfig, report=None) -> dict:
 
     def evaluate() -> dict:
         batches = {split: _float_batches(*cache[split]) for split in splits}
-        return classifier_metrics(model.eval(), batches, config.posthoc.tau, groups)
+        return classifier_metrics(model.eval(), batches, config.posthoc.tau, groups, per_image=["val"])
 
     if not cfg.enabled:
         metrics = {"stage": 2, "epoch": 1, **evaluate()}

@@ -47,13 +47,19 @@ def accuracy_metrics(correct: Tensor, total: Tensor, groups: dict[str, list[int]
 
 
 @torch.no_grad()
-def feature_counts(model, feats: torch.Tensor, y: torch.Tensor, tau_weight: torch.Tensor) -> torch.Tensor:
-    """Per-class rows (correct, total, tau-normalised correct, summed CE loss) of one batch of features."""
+def feature_counts(model, feats: torch.Tensor, y: torch.Tensor, tau_weight: torch.Tensor,
+                   per_image: list | None = None) -> torch.Tensor:
+    """Per-class rows (correct, total, tau-normalised correct, summed CE loss) of one batch of features.
+    `per_image`, when given, gets the batch's per-image correctness appended: a (2, batch) bool CPU tensor,
+    rows the classifier and its tau-normalised copy."""
     num_classes = model.classifier.out_features
     logits = model.logits_from_features(feats)
     tau_logits = model.logits_from_features(feats, weight=tau_weight)
-    correct, total = per_class_counts(logits.argmax(1), y, num_classes)
-    tau_correct, _ = per_class_counts(tau_logits.argmax(1), y, num_classes)
+    pred, tau_pred = logits.argmax(1), tau_logits.argmax(1)
+    correct, total = per_class_counts(pred, y, num_classes)
+    tau_correct, _ = per_class_counts(tau_pred, y, num_classes)
+    if per_image is not None:
+        per_image.append(torch.stack([pred == y, tau_pred == y]).cpu())
     loss = torch.zeros(num_classes, dtype=torch.float64, device=feats.device).index_add_(
         0, y, nn.functional.cross_entropy(logits, y, reduction="none").double())
     return torch.stack([correct, total, tau_correct, loss])
@@ -69,18 +75,26 @@ def metrics_from_counts(counts: torch.Tensor, groups: dict[str, list[int]], spli
 
 @torch.no_grad()
 def classifier_metrics(model, splits: dict[str, Iterable[tuple[Tensor, Tensor]]], tau: float,
-                       groups: dict[str, list[int]], reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
+                       groups: dict[str, list[int]], reduce: Callable[[Tensor], Tensor] | None = None,
+                       per_image: Iterable[str] = ()) -> dict:
     """`metrics_from_counts` of every split, from its batches of (features, labels), for `model`'s classifier
     and its tau-normalised copy, plus `classifier_norms`. `reduce` sums the counts across data-parallel ranks.
+    For each split named in `per_image`, `{split}_correct` holds its per-image correctness in batch order, a
+    (2, images) bool CPU tensor (the classifier, its tau-normalised copy; this rank's images only), for the
+    paired tie test (`ltsearch.selection`); callers take it out before reporting.
 
     `classifier_norms` are the norms of the rows that classify: after an LWS stage 2 (a `ClassScale` s behind the
     frozen classifier, logit c times s_c) the scaled rows' |s_c| * ||w_c||, not the frozen ||w_c||."""
     weight = model.classifier.weight
     tau_weight = tau_normalize(weight, tau)
     out = {}
+    keep = set(per_image)
     for split, batches in splits.items():
-        counts = sum(feature_counts(model, feats, y, tau_weight) for feats, y in batches)
+        images: list | None = [] if split in keep else None
+        counts = sum(feature_counts(model, feats, y, tau_weight, images) for feats, y in batches)
         out.update(metrics_from_counts(counts if reduce is None else reduce(counts), groups, split))
+        if images is not None:
+            out[f"{split}_correct"] = torch.cat(images, 1) if images else torch.zeros(2, 0, dtype=torch.bool)
     norms = row_norms(weight)
     class_scale = getattr(model, "logit_bn", None)
     if isinstance(class_scale, ClassScale):

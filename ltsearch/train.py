@@ -49,12 +49,13 @@ from torch.nn.parallel import DistributedDataParallel
 from .build import load_data, loss_from_config, model_from_config, split_loader
 from .config import ExperimentConfig
 from .data import LongTailData
-from .files import CHECKPOINT_FILE, atomic_save
+from .files import CHECKPOINT_FILE, PREDICTIONS_FILE, atomic_save, atomic_save_array
 from .metrics import class_groups, classifier_metrics
 from .models import LTClassifier, nbn_parameters
 from .optim import StageSetup, classifier_setup, train_epoch
 from .regularizers import weight_decay_groups
 from .schedules import lr_schedule
+from .selection import pack_correct
 
 __all__ = [
     "TrainingDiverged",
@@ -136,7 +137,10 @@ class _Run:
                              for split in ("val", "test") if len(getattr(data, f"{split}_y")) > 0}
         self.train_loader = lambda batch_size, sampler: loader("train", batch_size, train=True, sampler=sampler)
         self.history: list[dict] = []
-        self.best: dict[int, dict] = {}  # stage -> {"metrics": ..., "model": state_dict}
+        self.best: dict[int, dict] = {}  # stage -> {"metrics": ..., "model": state_dict, "val_correct": ...}
+        # Per-image validation correctness of the latest evaluated epoch ((2, images) bool: the classifier and
+        # its tau-normalised copy), kept with the best epoch and beside each checkpoint for the paired tie test
+        self.epoch_correct: torch.Tensor | None = None
         self.last: dict[int, dict] = {}  # stage -> metrics of its latest epoch
         # Backbone features of the eval splits, kept only when a frozen-backbone stage 2 will reuse them:
         # those of the latest epoch, of the best stage-1 epoch, and those stage 2 evaluates on.
@@ -153,7 +157,19 @@ class _Run:
         model = self.model
         model.eval()
         batches = {split: self._features(stage, split) for split in splits if split in self.eval_loaders}
-        return classifier_metrics(model, batches, tau, self.groups, reduce=_all_sum)
+        metrics = classifier_metrics(model, batches, tau, self.groups, reduce=_all_sum, per_image=["val"])
+        if "val_correct" in metrics:
+            self.epoch_correct = self._gather_images(metrics.pop("val_correct"))
+        return metrics
+
+    def _gather_images(self, local: torch.Tensor) -> torch.Tensor:
+        """Per-image values of this rank's validation shard (images rank, rank + world, ...) placed in the
+        full validation order, summed across ranks."""
+        if self.world == 1:
+            return local
+        full = torch.zeros(2, len(self.data.val_y), dtype=torch.int32, device=self.device)
+        full[:, self.rank::self.world] = local.to(self.device, torch.int32)
+        return _all_sum(full).bool().cpu()
 
     def _features(self, stage: int, split: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (backbone features, labels) of `split`: computed, or, in a stage 2 whose backbone cannot
@@ -180,19 +196,21 @@ class _Run:
         return {"config": self.config.model_dump(), "class_counts": self.data.class_counts,
                 "class_names": list(self.data.class_names), "stage": stage, "stage_epoch": stage_epoch,
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "best": self.best, "last": self.last, "history": self.history}
+                "best": self.best, "last": self.last, "history": self.history, "val_correct": self.epoch_correct}
 
     def save_and_report(self, state: dict, metrics: dict, out_dir: Path | None, report: Report | None):
         """Rank 0 writes the checkpoint (atomically); every rank calls `report` once per epoch."""
         if report is None:
             if out_dir is not None and self.rank == 0:
                 atomic_save(state, out_dir / "checkpoint" / CHECKPOINT_FILE)
+                _save_predictions(state, out_dir / "checkpoint")
             return
         if self.rank != 0:
             report(metrics, None)
             return
         with tempfile.TemporaryDirectory(prefix="ltsearch-ckpt-") as tmp:
             torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            _save_predictions(state, Path(tmp))
             report(metrics, tmp)
 
     # ---------------------------------------------------------------- the two stages
@@ -298,10 +316,20 @@ class _Run:
         """Keep the epoch with the best validation accuracy (the last epoch when there is no val set), and
         its eval features for a frozen-backbone stage 2 that will start from it."""
         if improves:
-            self.best[stage] = {"metrics": metrics, "model": copy.deepcopy(self.model.state_dict())}
+            self.best[stage] = {"metrics": metrics, "model": copy.deepcopy(self.model.state_dict()),
+                                "val_correct": self.epoch_correct}
             if stage == 1:
                 self.best_features = dict(self.epoch_features)
         self.epoch_features = {}
+
+
+def _save_predictions(state: dict, folder: Path) -> None:
+    """`PREDICTIONS_FILE` of a checkpoint `state`: the per-image validation correctness of its epoch and of
+    its stage's best-by-validation epoch, packed (ImageNet-LT's 20,000 images: 10 KB); no file without a
+    validation set."""
+    last, best = state["val_correct"], state["best"].get(state["stage"], {}).get("val_correct")
+    if last is not None and best is not None:
+        atomic_save_array(pack_correct(torch.stack([last, best]).numpy()), folder / PREDICTIONS_FILE)
 
 
 def _scalars(metrics: dict) -> dict:

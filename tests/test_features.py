@@ -63,6 +63,28 @@ def test_tau_only_evaluates_the_stage1_classifier(stage1):
     assert plain["classifier_norms"] == pytest.approx(cache["head"]["classifier.weight"].norm(dim=1).tolist())
 
 
+def test_fit_classifier_keeps_the_per_image_validation_correctness_in_the_trainers_order(stage1):
+    """`val_correct` of a stage-2 epoch counts its val accuracies, and the stage-1 head evaluated on cached
+    features gets right the images the trainer's best epoch got right (same images, same order: the paired
+    tie test compares a stage-2 trial with another image by image)."""
+    import numpy as np
+
+    from ltsearch.files import PREDICTIONS_FILE
+    from ltsearch.selection import unpack_correct
+
+    config, ckpt = stage1
+    cache = cache_features(config, str(ckpt), views=1)
+    tau = fit_classifier(cache, config)  # stage 2 off: the stage-1 head, with the trainer's posthoc.tau
+    correct = tau["val_correct"]
+    assert correct.dtype == torch.bool and correct.shape == (2, 50)
+    assert 100 * correct[0].double().mean().item() == pytest.approx(tau["val_acc"])
+    assert 100 * correct[1].double().mean().item() == pytest.approx(tau["tau_val_acc"])
+    trainer_best = unpack_correct(np.load(ckpt / PREDICTIONS_FILE), 50)[1]  # the best epoch's, stage 2's parent
+    assert (correct.numpy() == trainer_best).mean() >= 0.96  # float16 features may flip a near-tie or two
+    fitted = fit_classifier(cache, with_overrides(config, {"stage2.enabled": True, "stage2.epochs": 2}))
+    assert 100 * fitted["val_correct"][0].double().mean().item() == pytest.approx(fitted["val_acc"])
+
+
 def test_fit_classifier_refuses_a_head_that_does_not_fit(stage1):
     """Bug 9: the stage-1 head used to be loaded with strict=False, so a missing classifier silently became a
     random one. Every key of the classifier (and of the logit BN when configured) must be in the cache."""

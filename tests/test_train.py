@@ -452,3 +452,46 @@ def test_ldam_drw_with_a_cosine_classifier_trains(cifar10_root):
     assert [h["train_loss"] > 0 for h in summary["history"]] == [True] * 3
     assert "classifier.bias" not in states[-1]["model"]  # the cosine classifier has no bias
     assert 0 <= summary["stage2"]["final"]["val_acc"] <= 100
+
+
+def test_validation_predictions_are_kept_beside_each_checkpoint_and_survive_resume(cifar10_root, tmp_path):
+    """Each checkpoint folder holds the per-image validation correctness of its epoch and of the stage's best
+    epoch (the paired tie test's input); the counts are the reported accuracies; a run resumed after an
+    interruption writes the same final predictions as the uninterrupted run (its best epoch's are restored
+    from the checkpoint, not recomputed)."""
+    import numpy as np
+
+    from ltsearch.files import CHECKPOINT_FILE, PREDICTIONS_FILE
+    from ltsearch.selection import unpack_correct
+
+    config = small_config(cifar10_root, **{"stage1.epochs": 3, "stage2.enabled": False})
+    images = 5 * 10  # val_per_class x classes
+    seen = []
+
+    def keep(metrics, ckpt):
+        correct = unpack_correct(np.load(f"{ckpt}/{PREDICTIONS_FILE}"), images)
+        seen.append((metrics, correct))
+
+    full = train(config, report=keep)
+    best_epoch = full["stage1"]["best_epoch"]
+    for metrics, correct in seen:
+        assert correct.shape == (2, 2, images)  # [epoch, best] x [classifier, tau-normalised] x images
+        assert 100 * correct[0, 0].mean() == pytest.approx(metrics["val_acc"])
+        assert 100 * correct[0, 1].mean() == pytest.approx(metrics["tau_val_acc"])
+    assert (seen[-1][1][1] == seen[best_epoch - 1][1][0]).all()  # the best slot is the best epoch's
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(metrics, ckpt):
+        if metrics["epoch"] == 2:
+            shutil.copytree(ckpt, tmp_path / "ckpt")
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, report=stop_after_two)
+    state = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=False)
+    assert state["best"][1]["val_correct"].shape == (2, images)
+    train(config, resume_from=tmp_path / "ckpt", out_dir=tmp_path / "out")
+    resumed = unpack_correct(np.load(tmp_path / "out" / "checkpoint" / PREDICTIONS_FILE), images)
+    assert (resumed == seen[-1][1]).all()
