@@ -165,12 +165,12 @@ def compare_with_best(values: pd.Series, sizes: pd.Series, direction: str = "max
     if not known.any():
         return out
     best = values[known].idxmax() if direction == "max" else values[known].idxmin()
-    best_correct = None if correct is None else correct.get(best)
+    best_correct = None if correct is None else _per_image(correct.get(best))
     for index in values[known].index:
         unpaired = tied(values[best], values[index], int(sizes[best]), int(sizes[index]))
         out.loc[index, "tied_unpaired"] = unpaired
-        other = None if correct is None else correct.get(index)
-        if best_correct is None or other is None or np.shape(best_correct) != np.shape(other):
+        other = None if correct is None else _per_image(correct.get(index))
+        if best_correct is None or other is None or best_correct.shape != other.shape:
             out.loc[index, ["tied_with_best", "tie_test"]] = [unpaired, "newcombe"]
             continue
         b, c = mcnemar_counts(best_correct, other)
@@ -178,6 +178,11 @@ def compare_with_best(values: pd.Series, sizes: pd.Series, direction: str = "max
         out.loc[index, ["only_best_right", "only_trial_right", "mcnemar_p"]] = [b, c, p]
         out.loc[index, ["tied_with_best", "tie_test"]] = [p >= 1 - CONFIDENCE, "mcnemar"]
     return out
+
+
+def _per_image(value) -> np.ndarray | None:
+    """A row's per-image correctness as a 1-d bool array; None for a missing one (None, NaN)."""
+    return np.asarray(value, dtype=bool) if value is not None and np.ndim(value) == 1 else None
 
 
 def pack_correct(correct: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -152,6 +153,57 @@ def test_staged_ties_are_per_phase_and_stage1_is_judged_at_its_best_epoch():
     # stage 1 ranks parents by best_val_acc: 40 against 10 is resolved; stage 2 has one trial with a value
     assert table["tied_with_best"].tolist()[:3] == [False, True, True]
     assert note is None
+
+
+def _predictions(accuracy_pairs) -> list[dict]:
+    """Per row {"last": (2, 200) bool} with the classifier right on the first k images and the tau-normalised
+    one on the first j: rows with nested right sets disagree on exactly |k - k'| images, all one way."""
+    out = []
+    for k, j in accuracy_pairs:
+        correct = np.zeros((2, 200), dtype=bool)
+        correct[0, :k], correct[1, :j] = True, True
+        out.append({"last": correct, "best": correct[::-1].copy()})
+    return out
+
+
+def test_paired_ties_use_the_predictions_of_the_value_each_phase_ranks():
+    # a: 61 of 200 (30.5 %), b: 57 (28.5 %): b's right images are all a's, so b = 4, c = 0: p = 2/16 = 0.125
+    records = pd.Series(_predictions([(61, 61), (57, 57), (24, 24), (0, 0)]))
+    table, note = add_validation_noise(noisy_table(), MAX, [IMAGES] * 4, correct=records)
+    rows = table.set_index("trial_id")
+    assert rows["tie_test"].tolist()[:3] == ["mcnemar"] * 3 and pd.isna(rows.at["d", "tie_test"])
+    assert rows["tied_with_best"].tolist()[:3] == [True, True, False]
+    assert (rows.at["b", "only_best_right"], rows.at["b", "only_trial_right"]) == (4, 0)
+    assert rows.at["b", "mcnemar_p"] == pytest.approx(0.125)
+    assert "2 of 3 trials" in note and "McNemar's paired test" in note and "(2 by the unpaired interval)" in note
+    # 30.5 % against 26.5 % (53 images, nested): unpaired tied, paired b = 8, c = 0: p = 2/256, separated
+    table, note = add_validation_noise(noisy_table().assign(objective=[30.5, 26.5, 12.0, math.nan]), MAX,
+                                       [IMAGES] * 4, correct=pd.Series(_predictions([(61, 0), (53, 0), (24, 0),
+                                                                                     (0, 0)])))
+    assert table["tied_unpaired"].tolist()[:2] == [True, True]
+    assert table["tied_with_best"].tolist()[:2] == [True, False] and note is None
+    # a tau objective compares the tau-normalised rows; the stage-1 phase its best-by-validation epoch's
+    tau = SearchSettings(metric="tau_val_acc")
+    table, _ = add_validation_noise(noisy_table(), tau, [IMAGES] * 4,
+                                    correct=pd.Series(_predictions([(0, 61), (0, 53), (0, 24), (0, 0)])))
+    assert table.at[1, "only_best_right"] == 8
+    staged = noisy_table().assign(phase=["stage1", "stage1", "stage2", "stage2"], best_val_acc=[30.5, 26.5, 12, 0])
+    table, _ = add_validation_noise(staged, MAX, [IMAGES] * 4,
+                                    correct=pd.Series(_predictions([(0, 61), (0, 53), (24, 0), (0, 0)])))
+    assert table.at[1, "only_best_right"] == 8 and not table.at[1, "tied_with_best"]
+
+
+def test_paired_ties_of_a_group_objective_count_the_groups_images_only():
+    records = pd.Series(_predictions([(61, 61), (53, 53), (24, 24), (0, 0)]))
+    tail = np.zeros(200, dtype=bool)
+    tail[:50] = True  # a and b are both right on all 50: their 8 discordant images lie outside the tail
+    table, _ = add_validation_noise(noisy_table(), SearchSettings(metric="val_acc_tail"), [IMAGES] * 4,
+                                    correct=records, val_groups={"tail": tail})
+    assert table.at[1, "only_best_right"] == 0 and table.at[1, "mcnemar_p"] == 1.0
+    # without the group's images the rows fall back to the unpaired rule
+    table, _ = add_validation_noise(noisy_table(), SearchSettings(metric="val_acc_tail"), [IMAGES] * 4,
+                                    correct=records)
+    assert set(table["tie_test"].dropna()) == {"newcombe"}
 
 
 def test_selection_rows_leave_confirmation_rows_out():

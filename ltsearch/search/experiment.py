@@ -23,7 +23,9 @@ Layout of `storage/name/`:
 from __future__ import annotations
 
 import errno
+import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Save Tune's experiment state every 2 s (default: 10 s or more): what a hard kill of the driver can lose.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
+import numpy as np
 import optuna
 import pandas as pd
 import ray
@@ -43,13 +46,14 @@ import yaml
 from ..build import load_data
 from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..data import LongTailData
+from ..files import PREDICTIONS_FILE
 from ..metrics import class_groups, is_missing
-from ..selection import CONFIDENCE, confirmation_summary, metric_group
+from ..selection import CONFIDENCE, confirmation_summary, decode_correct, metric_group, unpack_correct
 from ..space import SearchSpaceFile
 from ..storage import Location, StorageError
 from .confirm import CONFIRM_PHASE, run_confirm
 from .resources import trial_resources
-from .results import add_validation_noise, best_row, plain, sampled_values
+from .results import VAL_CORRECT, add_validation_noise, best_row, plain, sampled_values
 from .staged import run_staged
 from .studies import Studies
 from .tune_phase import results_table, run_phase
@@ -188,7 +192,11 @@ def _search(exp: Location, spec: SearchSpaceFile, cluster: dict, data: LongTailD
     else:
         table, history = run_staged(exp, spec, cluster, resume)
     images = _validation_images(spec, table, data.class_counts)
-    table, note = add_validation_noise(table, settings, images, _metric_classes(spec, data.class_counts))
+    correct = _validation_correct(spec, table, len(data.val_y))
+    table = table.drop(columns=VAL_CORRECT, errors="ignore")
+    val_groups = {g: np.isin(np.asarray(data.val_y), c) for g, c in class_groups(data.class_counts).items()}
+    table, note = add_validation_noise(table, settings, images, _metric_classes(spec, data.class_counts), correct,
+                                       val_groups)
     if note:
         print(f"Validation noise: {note}", flush=True)
     runs = runs_history = None
@@ -224,6 +232,39 @@ def _validation_images(spec: SearchSpaceFile, table: pd.DataFrame, class_counts:
             known[key] = images_of(config, load_data(config).class_counts)
         out.append(known[key])
     return out
+
+
+def _validation_correct(spec: SearchSpaceFile, table: pd.DataFrame, images: int) -> pd.Series | None:
+    """Per results row, its per-image validation correctness for the paired tie test ({"last": ..., "best":
+    ...}, see `add_validation_noise`): a stage-2 row's record, or the `PREDICTIONS_FILE` beside a trial's
+    checkpoint; None where neither is there (an older trial). None for every row when `data.*` keys are
+    searched: the trials' validation sets then differ, and only the unpaired rule applies."""
+    if any(k.startswith("data.") for k in spec.space):
+        return None
+    out = pd.Series(None, index=table.index, dtype=object)
+    for index, row in table.iterrows():
+        record = row.get(VAL_CORRECT)
+        if isinstance(record, dict):
+            correct = decode_correct(record)
+            out.at[index] = {"last": correct} if correct.shape == (2, images) else None
+        else:
+            out.at[index] = _checkpoint_correct(row.get("checkpoint"), images)
+    return out
+
+
+def _checkpoint_correct(checkpoint, images: int) -> dict | None:
+    """{"last": ..., "best": ...} from the `PREDICTIONS_FILE` in a checkpoint folder (path or URI); None when
+    there is none or it is not of a validation set of `images` images."""
+    if not isinstance(checkpoint, str):
+        return None
+    try:
+        packed = np.load(io.BytesIO((Location(checkpoint) / PREDICTIONS_FILE).read_bytes()))
+    except (OSError, StorageError, ValueError):
+        return None
+    if packed.shape != (2, 2, math.ceil(images / 8)):
+        return None
+    correct = unpack_correct(packed, images)
+    return {"last": correct[0], "best": correct[1]}
 
 
 def _metric_classes(spec: SearchSpaceFile, class_counts: list[int]) -> int | None:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..config import ExperimentConfig
 from ..metrics import is_missing
-from ..selection import accuracy_interval, metric_group, resolution_note, tied_with_best
+from ..selection import accuracy_interval, compare_with_best, metric_group, resolution_note
 from ..space import SearchSettings
 
 __all__ = [
     "ACCURACY_PREFIXES",
     "STAGE1_TRIAL",
+    "VAL_CORRECT",
     "add_validation_noise",
     "best_row",
     "plain",
@@ -32,6 +34,9 @@ __all__ = [
 
 ACCURACY_PREFIXES = ("val_acc", "test_acc", "tau_val_acc", "tau_test_acc")
 STAGE1_TRIAL = "stage1_trial"  # the stage-1 trial a staged search's stage-2 trial builds on
+# A stage-2 row's per-image validation correctness (`selection.encode_correct`), taken out before results.csv
+VAL_CORRECT = "val_correct"
+TIE_COLUMNS = ("tied_with_best", "tie_test", "tied_unpaired", "only_best_right", "only_trial_right", "mcnemar_p")
 
 
 def planned_epochs(config: ExperimentConfig) -> int:
@@ -108,17 +113,37 @@ def _intervals(values: pd.Series, sizes: pd.Series) -> tuple[list[float], list[f
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _objective_correct(record: dict | None, epoch: str, tau: bool, mask: np.ndarray | None) -> np.ndarray | None:
+    """The per-image correctness behind an objective: of the `epoch` ("last" or "best") of a row's `record`
+    ({"last": (2, images) bool, "best": ...}), the tau-normalised classifier's row or the plain one's, on the
+    images of the objective's group (`mask`). None when the record lacks it."""
+    correct = (record or {}).get(epoch)
+    if correct is None:
+        return None
+    correct = np.asarray(correct)[1 if tau else 0]
+    if mask is None:
+        return correct
+    return correct[mask] if len(mask) == len(correct) else None
+
+
 def add_validation_noise(table: pd.DataFrame, settings: SearchSettings, images: pd.Series,
-                         classes: int | None = None) -> tuple[pd.DataFrame, str | None]:
+                         classes: int | None = None, correct: pd.Series | None = None,
+                         val_groups: dict[str, np.ndarray] | None = None) -> tuple[pd.DataFrame, str | None]:
     """`table` with the validation set's noise on what selects (see `ltsearch.selection`), and the note to
     print when the validation set cannot resolve the top two trials (None otherwise).
 
-    `images` holds per row a dict {"overall": validation images, "many": ..., "tail": ...}. Columns added:
-    `val_images` (the images behind the objective), `objective_lo` / `objective_hi` (its 95 % interval),
-    `final_val_acc_lo` / `_hi`, `best_val_acc_lo` / `_hi`, and `tied_with_best`: statistically tied with the
-    best trial of its phase on the value that phase is ranked by (the final objective; a staged search's
-    stage-1 trials: the objective at their best-by-validation epoch, which chose the stage-2 parents).
-    A metric that is no validation accuracy gets no interval and no ties."""
+    `images` holds per row a dict {"overall": validation images, "many": ..., "tail": ...}. `correct`, when
+    the trials share one validation set, holds per row its per-image validation correctness
+    ({"last": (2, images) bool for the epoch its final values come from, "best": for its best-by-validation
+    epoch; rows: the classifier, its tau-normalised copy}) or None, and `val_groups` the images of each class
+    group (a bool mask over the validation set) for a group objective. Columns added: `val_images` (the
+    images behind the objective), `objective_lo` / `objective_hi` (its 95 % interval), `final_val_acc_lo` /
+    `_hi`, `best_val_acc_lo` / `_hi`, and against the best trial of its phase on the value that phase is
+    ranked by (the final objective; a staged search's stage-1 trials: the objective at their
+    best-by-validation epoch, which chose the stage-2 parents): `tied_with_best` (McNemar's exact paired test
+    where both have predictions, else Newcombe's unpaired interval), `tie_test` (which), `tied_unpaired`,
+    `only_best_right` / `only_trial_right` and `mcnemar_p` (`selection.compare_with_best`). A metric that is
+    no validation accuracy gets no interval and no ties."""
     table = table.copy()
     if not len(table):
         return table, None
@@ -130,17 +155,37 @@ def add_validation_noise(table: pd.DataFrame, settings: SearchSettings, images: 
     for column in ("final_val_acc", "best_val_acc"):
         if column in table:
             table[f"{column}_lo"], table[f"{column}_hi"] = _intervals(table[column], overall)
-    table["tied_with_best"] = pd.Series(pd.NA, index=table.index, dtype="boolean")
+    empty = compare_with_best(pd.Series(math.nan, index=table.index), table["val_images"])
+    for column in TIE_COLUMNS:
+        table[column] = empty[column]
     if group is None:
         return table, None
+    tau = metric.removeprefix("best_").removeprefix("final_").startswith("tau_")
+    mask = None if group == "overall" else (val_groups or {}).get(group)
     phases = table["phase"] if "phase" in table else pd.Series("search", index=table.index)
+    paired: dict = {}  # index -> the correctness behind the value its phase is ranked by, or None
     for phase in phases.unique():
         rows = table[(phases == phase) & (table["status"] != "ERROR")]
         column = f"best_{metric}" if phase == "stage1" and f"best_{metric}" in table else "objective"
-        table.loc[rows.index, "tied_with_best"] = tied_with_best(rows[column], rows["val_images"], direction)
+        epoch = "best" if column.startswith("best_") else "last"
+        for index in rows.index:
+            record = None if correct is None else correct.get(index)
+            paired[index] = None if group != "overall" and mask is None else _objective_correct(record, epoch, tau, mask)
+        compared = compare_with_best(rows[column], rows["val_images"], direction, _series(paired, rows.index))
+        for name in TIE_COLUMNS:
+            table.loc[rows.index, name] = compared[name]
     final = selection_rows(table)
     final = final[final["status"] != "ERROR"]
-    return table, resolution_note(final["objective"], final["val_images"], direction, classes)
+    return table, resolution_note(final["objective"], final["val_images"], direction, classes,
+                                  _series(paired, final.index))
+
+
+def _series(values: dict, index: pd.Index) -> pd.Series:
+    """Arrays (or None) by row, as an object Series (pandas would try to broadcast an array set in place)."""
+    out = pd.Series(None, index=index, dtype=object)
+    for key in index:
+        out.at[key] = values.get(key)
+    return out
 
 
 GROUPS = ("head", "middle", "tail")  # size terciles of the training classes

@@ -4,9 +4,11 @@ stage-2 and post-hoc keys on those features as an Optuna ask/tell loop whose tri
 A stage-2 trial is about a second of work on cached features. As a Tune trial it would also cost a trial
 actor's start-up and Tune's bookkeeping, ~10 s (docs/benchmarks.md, benchmark 3); Ray tasks run in pooled
 worker processes, so the phase runs as tasks, as many at once as the cluster has CPUs for. Each finished
-trial's results (`history`, and `per_class` accuracies of its last epoch) are stored as user attributes of
-its Optuna trial (study `stage2`, see `studies.py`) before it is told: a resumed search keeps them; trials
-an interruption left running are failed and redrawn, or completed if their results were already stored.
+trial's results (`history`, `per_class` accuracies of its last epoch, and `val_correct`, that epoch's
+per-image validation correctness for the paired tie test: 6.7 kB for ImageNet-LT's 20,000 images) are
+stored as user attributes of its Optuna trial (study `stage2`, see `studies.py`) before it is told: a
+resumed search keeps them; trials an interruption left running are failed and redrawn, or completed if
+their results were already stored.
 There is no early stopping in this phase. Stage-1 checkpoints in object storage are downloaded by the
 task that caches their features.
 """
@@ -22,10 +24,11 @@ import pandas as pd
 import ray
 
 from ..config import ConfigError, ExperimentConfig, with_overrides
+from ..selection import encode_correct
 from ..space import SearchSpaceFile, flat_config, suggest
 from ..storage import Location, is_uri
 from .resources import task_concurrency
-from .results import STAGE1_TRIAL, rank_trials, sampled_values, trial_row
+from .results import STAGE1_TRIAL, VAL_CORRECT, rank_trials, sampled_values, trial_row
 from .studies import Studies
 from .tune_phase import make_sampler, results_table, run_phase
 
@@ -45,20 +48,24 @@ def cached_features(config: ExperimentConfig, checkpoint: str, views: int) -> di
         return cache_features(config, Location(checkpoint).download(Path(tmp) / "checkpoint"), views)
 
 
-def _fit_stage2(cache: dict, config: dict) -> tuple[list[dict], dict]:
+def _fit_stage2(cache: dict, config: dict) -> tuple[list[dict], dict, dict | None]:
     """Ray task: one stage-2 trial (or tau evaluation) on cached features. Returns its scalar results, one
-    per epoch, and the per-class accuracies of its last epoch."""
+    per epoch, the per-class accuracies of its last epoch and that epoch's per-image validation correctness
+    (`selection.encode_correct`: a bit an image, for the classifier and its tau-normalised copy; None
+    without a validation set)."""
     from ..features import fit_classifier
 
     started, history = time.time(), []
 
     def report(metrics: dict) -> None:
         now = time.time()
-        scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict)) and k != "val_correct"}
         history.append({**scalars, "timestamp": now, "time_total_s": now - started})
 
     last = fit_classifier(cache, ExperimentConfig.model_validate(config), report=report)
-    return history, {k: v for k, v in last.items() if k.endswith("per_class_acc")}
+    correct = last.get("val_correct")
+    return (history, {k: v for k, v in last.items() if k.endswith("per_class_acc")},
+            None if correct is None else encode_correct(correct.numpy()))
 
 
 def _stage2_epochs(config: ExperimentConfig) -> int:
@@ -101,11 +108,13 @@ def search_stage2(exp: Location, spec: SearchSpaceFile, keys: list[str], parents
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         ot_trial = pending.pop(ref)
         try:
-            history, per_class = ray.get(ref)
+            history, per_class, correct = ray.get(ref)
         except ray.exceptions.RayError as err:
             ot_trial.set_user_attr("error", str(err).strip().splitlines()[-1][:300])
             study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         else:
+            if correct is not None:  # before `history`, which marks the trial's results as stored
+                ot_trial.set_user_attr(VAL_CORRECT, correct)
             ot_trial.set_user_attr("history", history)
             ot_trial.set_user_attr("per_class", per_class)
             study.tell(ot_trial, [history[-1].get(m, math.nan) for m in settings.metrics])
@@ -131,8 +140,10 @@ def stage2_tables(study: optuna.Study, spec: SearchSpaceFile, keys: list[str]) -
             frame.insert(0, "trial_id", trial_id)
             history.append(frame)
         values = {k: ot_trial.params.get(k) for k in [STAGE1_TRIAL, *keys]}
-        rows.append(trial_row(trial_id, values, frame, ot_trial.user_attrs.get("error"), spec.search, planned,
-                              pruner=None))
+        row = trial_row(trial_id, values, frame, ot_trial.user_attrs.get("error"), spec.search, planned,
+                        pruner=None)
+        row[VAL_CORRECT] = ot_trial.user_attrs.get(VAL_CORRECT)  # taken out before results.csv is written
+        rows.append(row)
     return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
