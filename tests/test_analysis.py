@@ -636,3 +636,11 @@ def test_report_command_on_a_real_search(real_search, capsys):
     pngs = sorted(p.stem for p in (real_search / "figures").glob("*.png"))
     assert pngs == sorted(figures) or "PNGs skipped" in out
 
+
+
+def test_report_names_the_tie_rule_its_results_used():
+    from ltsearch.analysis.report import _tie_rule
+
+    assert _tie_rule(pd.DataFrame({"objective": [1.0]})).startswith("Newcombe")  # results from before tie_test
+    assert _tie_rule(pd.DataFrame({"tie_test": ["newcombe", None]})).startswith("Newcombe")
+    assert _tie_rule(pd.DataFrame({"tie_test": ["mcnemar", "newcombe"]})).startswith("McNemar's exact test")

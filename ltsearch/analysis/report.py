@@ -84,9 +84,9 @@ def _validation_html(exp: Experiment) -> str:
         parts.append(f"Validation set: {images['overall']:,} images"
                      + (f" ({per_class} per class)" if per_class else "") + ".")
     note = exp.summary.get("validation", {}).get("note")
+    rule = _tie_rule(rows)
     if note:  # what the search printed: the best's interval, the ties and the size that would resolve them
-        return (f"<p>{html.escape(note[0].upper() + note[1:])}. Ties are marked in the table (Newcombe's "
-                "interval of the difference to the best contains 0).</p>")
+        return f"<p>{html.escape(note[0].upper() + note[1:])}. Ties are marked in the table ({rule}).</p>"
     best = rows[rows["trial_id"] == exp.search_pick]
     if len(best) and "objective_lo" in best and not is_missing(best["objective_lo"].iat[0]):
         b = best.iloc[0]
@@ -95,8 +95,17 @@ def _validation_html(exp: Experiment) -> str:
     if "tied_with_best" in rows:
         ties = int(rows["tied_with_best"].map(lambda v: str(v).lower() == "true").sum())
         parts.append(f"{ties} of {int(rows['objective'].notna().sum())} trials are statistically tied with it "
-                     "(Newcombe's interval of the difference contains 0; marked in the table).")
+                     f"({rule}; marked in the table).")
     return f"<p>{html.escape(' '.join(parts))}</p>" if parts else ""
+
+
+def _tie_rule(rows: pd.DataFrame) -> str:
+    """How `tied_with_best` was decided (`ltsearch.selection.compare_with_best`)."""
+    unpaired = "Newcombe's interval of the difference to the best contains 0"
+    if "tie_test" not in rows or not (rows["tie_test"] == "mcnemar").any():
+        return unpaired
+    return ("McNemar's exact test on the validation images the two trials disagree on does not reject at 5 %; "
+            f"for a trial without kept predictions, {unpaired}")
 
 
 def _confirmation_html(exp: Experiment) -> str:
