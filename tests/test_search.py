@@ -41,6 +41,8 @@ def test_search_writes_results_and_asha_stops_trials(local_ray, cifar10_root, tm
     assert (table["epochs"] < 5).sum() >= 1, table[["epochs", "stop_reason"]]
     assert table.loc[table["epochs"] < 5, "stop_reason"].str.contains("ASHA").all()
     assert (table["epochs"] == 5).any()
+    # every trial, stopped early or not, kept its validation predictions: the ties are paired
+    assert set(table["tie_test"]) == {"mcnemar"} and table["mcnemar_p"].between(0, 1).all()
     history = pd.read_csv(result.path / "history.csv")
     assert len(history) == table["epochs"].sum()
     # Trial processes are reused: 6 trials, 2 at a time, need fewer than 6 processes.
@@ -79,6 +81,26 @@ def test_two_worker_trial_trains_with_ddp(local_ray, cifar10_root, tmp_path):
     history = pd.read_csv(result.path / "history.csv")
     assert (history["world_size"] == 2).all()
     assert Path(table.loc[0, "checkpoint"], "state.pt").exists()
+    # the validation predictions of both ranks' shards, in the validation set's order: those of the saved
+    # model evaluated in one process
+    import numpy as np
+    import torch
+
+    from ltsearch.build import load_data, model_from_config, split_loader
+    from ltsearch.config import ExperimentConfig
+    from ltsearch.selection import unpack_correct
+
+    state = torch.load(Path(table.loc[0, "checkpoint"], "state.pt"), weights_only=False)
+    config = ExperimentConfig.model_validate(state["config"])
+    data = load_data(config)
+    model = model_from_config(config.model, data.num_classes)
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        pred = torch.cat([model.eval()(x).argmax(1) for x, _ in split_loader(config, data, "val", 64, train=False)])
+    correct = unpack_correct(np.load(Path(table.loc[0, "checkpoint"], "val_predictions.npy")), len(data.val_y))
+    assert 100 * correct[0, 0].mean() == pytest.approx(table.loc[0, "final_val_acc"])
+    assert (correct[0, 0] == (pred == data.val_y).numpy()).mean() >= 0.96  # bf16 training may flip a near-tie
+    assert table.loc[0, "tie_test"] == "mcnemar"
 
 
 def test_staged_multi_objective_search(local_ray, cifar10_root, tmp_path):
@@ -110,6 +132,8 @@ def test_staged_multi_objective_search(local_ray, cifar10_root, tmp_path):
     assert best["stage1"]["weight_decay"] == pytest.approx(winner["stage1.weight_decay"])
     pareto = pd.read_csv(result.path / "pareto.csv")
     assert set(pareto["study"]) == {"stage1", "stage2"} and {"tau_val_acc", "tau_val_acc_tail"} <= set(pareto.columns)
+    # both phases' ties are paired: stage 1 from the files beside its checkpoints, stage 2 from its study
+    assert set(table["tie_test"]) == {"mcnemar"} and "val_correct" not in table
 
 
 def _feature_cache(num_classes=3, dim=64, n=60, seed=0) -> dict:
@@ -162,6 +186,11 @@ def test_stage2_phase_resumes_keeping_finished_trials_and_redrawing_interrupted_
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and "stage2_00003" not in set(table2["trial_id"])
     per_class = study.trials[0].user_attrs["per_class"]
     assert len(per_class["test_per_class_acc"]) == 10
+    # each trial's validation predictions (5 images x 10 classes, two classifiers) survive the resume
+    from ltsearch.search.results import VAL_CORRECT
+
+    assert [r["shape"] for r in table[VAL_CORRECT]] == [[2, 50]] * 3
+    assert table2.set_index("trial_id").loc[table["trial_id"], VAL_CORRECT].tolist() == table[VAL_CORRECT].tolist()
 
 
 def test_stage2_trial_that_raises_is_an_error_row_and_the_phase_finishes(local_ray, cifar10_root, tmp_path):
