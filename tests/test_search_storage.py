@@ -54,6 +54,14 @@ def _recorded_finished(s3, folder: str) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
+def _recorded_and_finished(s3, folder: str) -> tuple[set[str], dict[str, int]]:
+    """(trial ids the saved state records as finished, their folders' result.json line counts)."""
+    recorded = _recorded_finished(s3, folder)
+    finished = {f: n for f, n in _finished_trials(s3, folder).items()
+                if any(f.startswith(f"trial_{t}_") for t in recorded)}
+    return recorded, finished
+
+
 def _staged_space(path: Path, root: Path, optuna_storage: str | None, num_samples: int = 4) -> Path:
     return write_space(path, root, stage1_epochs=3, stage2_epochs=2, space={
         "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]},
@@ -79,12 +87,11 @@ def test_staged_search_on_s3_and_postgres_survives_sigkill_of_the_driver(cifar10
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, cwd=first, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 400
-        while not _recorded_finished(s3_server, f"{prefix}/{name}/stage1") and time.time() < deadline:
+        recorded, before = set(), {}
+        while not before and time.time() < deadline:  # result.json is uploaded after the state that records it
             assert proc.poll() is None, f"the first driver ended before it was killed: {log.read_text()[-3000:]}"
             time.sleep(0.5)
-        recorded = _recorded_finished(s3_server, f"{prefix}/{name}/stage1")
-        before = {folder: lines for folder, lines in _finished_trials(s3_server, f"{prefix}/{name}/stage1").items()
-                  if any(folder.startswith(f"trial_{t}_") for t in recorded)}
+            recorded, before = _recorded_and_finished(s3_server, f"{prefix}/{name}/stage1")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert 1 <= len(before) < 4  # killed mid-search, with finished trials in the store
@@ -180,12 +187,11 @@ def test_ray_job_submit_stop_and_resume_with_object_storage(cifar10_root, tmp_pa
             time.sleep(2)
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
         deadline = time.time() + 400
-        while not _recorded_finished(s3_server, f"{prefix}/{name}/search") and time.time() < deadline:
+        recorded, before = set(), {}
+        while not before and time.time() < deadline:
             assert _job_status("first", env) in ("PENDING", "RUNNING"), _job(["logs", "first"], env).stdout[-3000:]
             time.sleep(1)
-        recorded = _recorded_finished(s3_server, f"{prefix}/{name}/search")
-        before = {folder: lines for folder, lines in _finished_trials(s3_server, f"{prefix}/{name}/search").items()
-                  if any(folder.startswith(f"trial_{t}_") for t in recorded)}
+            recorded, before = _recorded_and_finished(s3_server, f"{prefix}/{name}/search")
         stopped = _job(["stop", "first"], env)
         assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
         assert _job_status("first", env) == "STOPPED"

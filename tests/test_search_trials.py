@@ -75,6 +75,10 @@ def _check_register(fs, root: str) -> None:
     t.last_result["checkpoint_dir_name"] = None
     assert not register_reported_checkpoint(t)
     assert not register_reported_checkpoint(_trial(fs, f"{root}/f", None, None, []))
+    # a hard kill: the saved state names a checkpoint keep_checkpoints deleted since: the newest complete one
+    t = _trial(fs, f"{root}/g", last_epoch=1, registered_epoch=1, written=[2, 3])
+    fs.create_dir(f"{root}/g/checkpoint_000003")  # being written when the driver died: no checkpoint file
+    assert register_reported_checkpoint(t) and t.registered[0].checkpoint.path == f"{root}/g/checkpoint_000002"
 
 
 def test_the_checkpoint_of_the_last_recorded_result_is_registered_in_a_local_folder(tmp_path):

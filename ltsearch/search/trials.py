@@ -154,20 +154,30 @@ def register_reported_checkpoint(trial) -> bool:
     newer than the registered one and its checkpoint file is in the trial's folder) is what Tune's save
     would have done: the trial then continues after its last recorded epoch, one that reported its final
     epoch ends without training, and the checkpoint kept for it is that of its last result."""
+    import pyarrow.fs
     from ray.train._internal.session import _TrainingResult  # what Tune's own save hands to the trial
 
-    last = trial.last_result or {}
-    name = last.get("checkpoint_dir_name")
-    if not name:
-        return False
-    current = trial.checkpoint
-    if current is not None and _checkpoint_index(current.path) >= _checkpoint_index(name):
-        return False
-    import pyarrow.fs
+    fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
 
-    fs, path = trial.storage.storage_filesystem, posixpath.join(trial.storage.trial_fs_path, name)
-    if fs.get_file_info(posixpath.join(path, CHECKPOINT_FILE)).type != pyarrow.fs.FileType.File:
+    def complete(name: str) -> bool:
+        path = posixpath.join(folder, name, CHECKPOINT_FILE)
+        return fs.get_file_info(path).type == pyarrow.fs.FileType.File
+
+    last = trial.last_result or {}
+    name, current = last.get("checkpoint_dir_name"), trial.checkpoint
+    if current is not None and not complete(posixpath.basename(current.path.rstrip("/"))):
+        # After a hard kill of the driver, Tune's saved state can name a checkpoint that `keep_checkpoints`
+        # already deleted (the deletion is immediate, the state's upload lags): continue from the newest
+        # complete one instead of failing the trial.
+        selector = pyarrow.fs.FileSelector(folder, allow_not_found=True)
+        kept = [i.base_name for i in fs.get_file_info(selector) if i.base_name.startswith("checkpoint_")]
+        name = max((n for n in kept if complete(n)), key=_checkpoint_index, default=None)
+        if name is None:
+            return False
+    elif (not name or current is not None and _checkpoint_index(current.path) >= _checkpoint_index(name)
+          or not complete(name)):
         return False
+    path = posixpath.join(folder, name)
     trial.on_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(path, filesystem=fs), metrics=dict(last)))
     return True
 
