@@ -38,17 +38,16 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import load_data, loss_from_config, model_from_config, split_loader
 from .config import ExperimentConfig
 from .data import LongTailData
+from .devices import all_sum, autocast, rank_world, resolve_device, resolve_precision
 from .files import CHECKPOINT_FILE, PREDICTIONS_FILE, atomic_save, atomic_save_array
 from .metrics import class_groups, classifier_metrics
 from .models import LTClassifier, nbn_parameters
@@ -75,55 +74,12 @@ class TrainingDiverged(RuntimeError):
         self.epoch = epoch
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device is 'cuda' but no CUDA device is available")
-    if name == "cuda":  # the device the launcher (e.g. Ray Train) selected for this rank
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if _rank_world()[1] > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`trainer.precision` on `device`. `auto`: bf16 autocast on a CPU with bf16 instructions (AVX-512 BF16 or
-    AMX; there it trains ResNet-8/20/32 1.6x faster than fp32 at the same accuracy, docs/benchmarks.md "bf16 on
-    the CPU"), fp32 on other CPUs; on CUDA, bf16 autocast where the GPU has bf16, else fp16 AMP."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return "bf16" if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else "fp32"
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("trainer.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 class _Run:
     """Everything one training run shares across its stages: config, data, model, loaders, history."""
 
     def __init__(self, config: ExperimentConfig, data: LongTailData, device: torch.device):
         self.config, self.data, self.device = config, data, device
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_world()
         t = config.trainer
         self.precision = resolve_precision(t.precision, device)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -157,7 +113,7 @@ class _Run:
         model = self.model
         model.eval()
         batches = {split: self._features(stage, split) for split in splits if split in self.eval_loaders}
-        metrics = classifier_metrics(model, batches, tau, self.groups, reduce=_all_sum, per_image=["val"])
+        metrics = classifier_metrics(model, batches, tau, self.groups, reduce=all_sum, per_image=["val"])
         if "val_correct" in metrics:
             self.epoch_correct = self._gather_images(metrics.pop("val_correct"))
         return metrics
@@ -169,7 +125,7 @@ class _Run:
             return local
         full = torch.zeros(2, len(self.data.val_y), dtype=torch.int32, device=self.device)
         full[:, self.rank::self.world] = local.to(self.device, torch.int32)
-        return _all_sum(full).bool().cpu()
+        return all_sum(full).bool().cpu()
 
     def _features(self, stage: int, split: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (backbone features, labels) of `split`: computed, or, in a stage 2 whose backbone cannot
@@ -219,7 +175,7 @@ class _Run:
 
     def _forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`module(x)` under the configured mixed precision."""
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             return module(x)
 
     def _stage1_setup(self, steps_per_epoch: int) -> StageSetup:
@@ -289,7 +245,7 @@ class _Run:
                 setup.on_epoch(epoch)
             batches = _progress(loader, progress and self.rank == 0, f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
             loss_sum, lr = train_epoch(setup, batches, epoch * steps_per_epoch, scaler, self.device)
-            train_loss = _all_sum(loss_sum).item() / (steps_per_epoch * self.world)
+            train_loss = all_sum(loss_sum).item() / (steps_per_epoch * self.world)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"stage {stage} epoch {epoch + 1}: training loss is {train_loss}",
                                        epoch_offset + epoch + 1)
