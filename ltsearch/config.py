@@ -290,9 +290,12 @@ class TrainerConfig(StrictModel):
     eval_batch_size: int = Field(512, ge=1)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: leave torch's default
     # When the test split is evaluated (validation: every epoch). best: at epochs that improve the stage's best
-    # validation accuracy and at each stage's last epoch (every epoch without a validation set); epoch: every
-    # epoch (slower: 10,000 test images an epoch for CIFAR). See the trainer's docstring (ltsearch/train.py).
-    test_every: Literal["best", "epoch"] = "best"
+    # validation accuracy and at each stage's last epoch (every epoch without a validation set); rungs: at the
+    # global epochs of test_epochs (a search passes ASHA's rungs) and at each stage's last epoch, where the
+    # stage's best epoch is evaluated from its kept model if it had none; epoch: every epoch (slower: 10,000
+    # test images an epoch for CIFAR); auto: best, and rungs in a search. See ltsearch/train.py's docstring.
+    test_every: Literal["auto", "best", "rungs", "epoch"] = "auto"
+    test_epochs: list[int] | None = None  # global epochs (1-based) with test under `rungs`; None: none
 
 
 class ExperimentConfig(StrictModel):

@@ -7,15 +7,20 @@ classifier is evaluated at every epoch from the same features, so it costs no tr
 backbone, starts from the stage-1 epoch that was best on VALIDATION, and retrains the classifier with a
 class-balanced loss, weight decay and MaxNorm. The test set is evaluated and reported, never used to select.
 
-When the test set is evaluated (`trainer.test_every`; validation is evaluated every epoch):
-- `best` (default): at every epoch that improves the stage's best validation accuracy (so the epoch a stage
-  selects always has its test figures), at the last epoch of each stage, and at every epoch when there is no
-  validation set (the last epoch is then the selected one). Other epochs report no `test_*` keys at all
-  (absent, never 0); every epoch's `has_test` says which kind it is. A trial that a scheduler stops
-  early (ASHA) cannot know it is being stopped: its last epoch may lack test figures, and the result tables
-  and figures use its best-by-validation epoch, which always has them (`ltsearch.analysis.frames`).
-  What it saves on the quick start is measured in docs/benchmarks.md (benchmarks/lazy_test_eval.py).
-- `epoch`: every epoch, as before `best` existed.
+When the test set is evaluated (`trainer.test_every`; val: every epoch). Other epochs report no `test_*` keys
+(absent, never 0); every epoch's `has_test` says which kind it is. What each saves: docs/benchmarks.md.
+- `best` (`auto`, the default, outside a search): at epochs that improve the stage's best validation accuracy
+  (the epoch a stage selects always has test figures, even in a trial ASHA stopped), at each stage's last
+  epoch, and every epoch without a val set.
+- `rungs` (`auto` in a search, which passes ASHA's rungs, or none, as `trainer.test_epochs`): at the global
+  epochs of `test_epochs` (where ASHA can stop a trial) and at each stage's last epoch. There, if the stage's
+  best epoch had none, its kept model (`best[stage]["model"]`) is evaluated on test (the numbers that epoch
+  would have given: same weights, BN statistics, precision, batches); the figures join the stage's best
+  metrics (`recomputed_test: true`) and that last epoch reports them as `best_test_*` next to `best_epoch`
+  (`ltsearch.search.results.trial_row` fills the best epoch's row from them). A trial stopped before a
+  stage's end lacks them unless the best epoch was a rung: a search recomputes them from the kept
+  checkpoint (`test_best_epoch`) for the trials it selects (`ltsearch.search.lazy_test`).
+- `epoch`: every epoch.
 In stage 2 with the backbone's BN statistics frozen (`stage2.update_bn_stats: false`, the default) the backbone
 cannot change, so the val and test features are computed once (taken over from the stage-1 epoch stage 2
 starts from when this process evaluated it) and every stage-2 evaluation only runs the classifier on them:
@@ -45,7 +50,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import load_data, loss_from_config, model_from_config, split_loader
-from .config import ExperimentConfig
+from .config import ExperimentConfig, with_overrides
 from .data import LongTailData
 from .devices import all_sum, autocast, rank_world, resolve_device, resolve_precision
 from .files import CHECKPOINT_FILE, PREDICTIONS_FILE, atomic_save, atomic_save_array
@@ -60,6 +65,7 @@ __all__ = [
     "TrainingDiverged",
     "resolve_device",
     "resolve_precision",
+    "test_best_epoch",
     "train",
 ]
 
@@ -82,6 +88,8 @@ class _Run:
         self.rank, self.world = rank_world()
         t = config.trainer
         self.precision = resolve_precision(t.precision, device)
+        self.test_every = "best" if t.test_every == "auto" else t.test_every
+        self.test_epochs = set(t.test_epochs or [])
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.groups = class_groups(data.class_counts)
         torch.manual_seed(t.seed)
@@ -146,6 +154,27 @@ class _Run:
         best = self.best.get(stage)
         score = metrics.get("val_acc", metrics["epoch"])
         return best is None or score > best["metrics"].get("val_acc", best["metrics"]["epoch"])
+
+    def _tests_at(self, epoch: int, improves: bool, last: bool) -> bool:
+        """Whether global epoch `epoch` evaluates test (see the module docstring). Every rank decides alike:
+        `improves` comes from the summed val counts."""
+        return last or self.test_every == "epoch" or (epoch in self.test_epochs if self.test_every == "rungs"
+                                                      else improves)
+
+    def _test_best(self, stage: int) -> dict:
+        """At a stage's last epoch: when the stage's best epoch had no test figures (`rungs`), evaluate its kept
+        model on test, attach them to its metrics and return them as `best_*` scalars for this epoch's result."""
+        best = self.best[stage]
+        if best["metrics"].get("has_test") or "test" not in self.eval_loaders:
+            return {}
+        current = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict(best["model"])
+        test = _test_figures(self.evaluate(stage, ["test"], self.config.posthoc.tau))
+        self.model.load_state_dict(current)
+        if "test" in self.epoch_features:  # the best stage-1 model's: a frozen-backbone stage 2 reuses them
+            self.best_features["test"] = self.epoch_features.pop("test")
+        best["metrics"].update(test, has_test=True, recomputed_test=True)
+        return {f"best_{k}": v for k, v in test.items() if not isinstance(v, list)}
 
     # ---------------------------------------------------------------- checkpoints
     def state(self, stage: int, stage_epoch: int, optimizer: torch.optim.Optimizer) -> dict:
@@ -254,17 +283,18 @@ class _Run:
                        "lr": lr, "train_loss": train_loss, "world_size": self.world, "device": str(self.device),
                        "precision": self.precision}
             metrics.update(self.evaluate(stage, ["val"], self.config.posthoc.tau))
-            improves = self._improves(stage, metrics)
-            # test only where a result needs it (see the module docstring); every rank decides alike, from
-            # the summed val counts
-            test = self.config.trainer.test_every == "epoch" or improves or epoch + 1 == cfg.epochs
+            improves, last = self._improves(stage, metrics), epoch + 1 == cfg.epochs
+            test = self._tests_at(epoch_offset + epoch + 1, improves, last)  # only where a result needs it
             if test:
                 metrics.update(self.evaluate(stage, ["test"], self.config.posthoc.tau))
             metrics["has_test"] = test and "test" in self.eval_loaders
-            metrics["epoch_time_s"] = time.perf_counter() - started
             self._track_best(stage, metrics, improves)
+            if last:
+                metrics.update(self._test_best(stage))
+            metrics["epoch_time_s"] = time.perf_counter() - started
             self.last[stage] = metrics
             metrics["best_val_acc"] = self.best[stage]["metrics"].get("val_acc")
+            metrics["best_epoch"] = self.best[stage]["metrics"]["epoch"]
             self.history.append(_scalars(metrics))
             self.save_and_report(self.state(stage, epoch + 1, setup.optimizer), metrics, out_dir, report)
 
@@ -290,6 +320,10 @@ def _save_predictions(state: dict, folder: Path) -> None:
 
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, list)}
+
+
+def _test_figures(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith(("test_", "tau_test_"))}
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -346,3 +380,23 @@ def _summarize(run: _Run) -> dict:
         out[f"stage{stage}"] = {"best_epoch": best["metrics"]["epoch"], "best": best["metrics"],
                                 "final": run.last[stage]}
     return out
+
+
+def test_best_epoch(config: ExperimentConfig, state: dict, epoch: int) -> dict | None:
+    """The test figures of global epoch `epoch`, a stage's best-by-validation epoch kept in the checkpoint
+    `state` (its `best`). When that epoch had none (lazy test evaluation, a trial stopped before the stage's
+    end), they are computed from its kept model as the trainer evaluates it (the precision it ran under, the
+    same eval batches: the figures `test_every: epoch` would have reported) and attached to `state`'s best
+    metrics (`recomputed_test`). None when `state` keeps no best epoch `epoch`."""
+    kept = next((b for b in state["best"].values() if b["metrics"]["epoch"] == epoch), None)
+    if kept is None:
+        return None
+    metrics = kept["metrics"]
+    if not metrics.get("has_test"):
+        config = with_overrides(config, {"trainer.precision": metrics.get("precision", config.trainer.precision)})
+        run = _Run(config, load_data(config), resolve_device(config.trainer.device))
+        run.model.load_state_dict(kept["model"])
+        if "test" in run.eval_loaders:
+            test = _test_figures(run.evaluate(metrics["stage"], ["test"], config.posthoc.tau))
+            metrics.update(test, has_test=True, recomputed_test=True)
+    return _test_figures(metrics)

@@ -44,6 +44,18 @@ def test_row_has_final_and_best_by_validation_metrics():
     assert row["objective"] == 60.0 and row["stop_reason"] == "completed" and row["stage1.lr"] == 0.1
 
 
+def test_a_best_epoch_without_test_figures_takes_those_its_stage_end_carried():
+    """`trainer.test_every: rungs`: epoch 2 (the best) had no test pass; the stage's last epoch evaluated its
+    kept model and reported the figures as best_test_* beside best_epoch."""
+    f = frame([50.0, 70.0, 60.0], best_epoch=[1, 2, 2])
+    f.loc[1, "test_acc"] = math.nan
+    f["best_test_acc"] = [math.nan, math.nan, 21.5]
+    row = trial_row("t1", {}, f, None, MAX, planned=3, pruner="ASHA")
+    assert row["best_epoch"] == 2 and row["best_test_acc"] == 21.5 and row["final_test_acc"] == 30.0
+    f["best_epoch"] = [1, 1, 1]  # figures carried for another epoch are not this one's
+    assert math.isnan(trial_row("t1", {}, f, None, MAX, planned=3, pruner="ASHA")["best_test_acc"])
+
+
 def test_stop_reason_is_judged_against_the_trials_own_schedule():
     """Bug: with stage1.epochs searched, a 3-epoch trial that finished was 'stopped early' against the
     space's longest schedule."""

@@ -370,6 +370,80 @@ def test_a_trial_stopped_at_any_epoch_keeps_a_test_figure_at_its_best_epoch(lazy
         assert pd.isna(row["final_test_acc"]) == (not frame["has_test"].iloc[stop - 1])
 
 
+@pytest.fixture(scope="module")
+def at_rungs(cifar10_root, lazy_and_eager):
+    """The same 4 + 3 epochs under `test_every: rungs`, at two rungs that miss both stages' best epochs (the
+    eager run's), and the epoch of every test evaluation (a stage's best epoch evaluated at its end counts at
+    that last epoch)."""
+    from ltsearch import train as train_module
+
+    eager = lazy_and_eager["epoch"][0]
+    rungs = [e for e in (2, 3, 5, 6) if e not in (eager["stage1"]["best_epoch"], eager["stage2"]["best_epoch"])][:2]
+    config = small_config(cifar10_root, **{"stage1.epochs": 4, "stage2.epochs": 3, "trainer.test_every": "rungs",
+                                           "trainer.test_epochs": rungs})
+    tested: list[int] = []
+    evaluate = train_module._Run.evaluate
+
+    def recorded(self, stage, splits, tau):
+        splits = list(splits)
+        if "test" in splits:
+            tested.append(len(self.history) + 1)
+        return evaluate(self, stage, splits, tau)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module._Run, "evaluate", recorded)
+        summary = train(config)
+    return summary, rungs, tested
+
+
+def test_rungs_evaluate_test_at_the_rungs_the_stage_ends_and_an_untested_best_epoch(at_rungs):
+    summary, rungs, tested = at_rungs
+    last = {1: 4, 2: 7}
+    best = {s: summary[f"stage{s}"]["best_epoch"] for s in (1, 2)}
+    recomputed = [s for s in (1, 2) if best[s] not in (*rungs, last[s])]
+    assert recomputed, "the rungs miss the best epochs; this schedule has a stage whose best epoch is not its last"
+    for h in summary["history"]:
+        assert h["has_test"] == (h["epoch"] in rungs or h["epoch"] in last.values()), h["epoch"]
+        assert bool([k for k in h if k.startswith(("test_", "tau_test_"))]) == h["has_test"]
+        assert h["best_epoch"] == max((g for g in summary["history"] if g["stage"] == h["stage"]
+                                       and g["epoch"] <= h["epoch"]), key=lambda g: (g["val_acc"], -g["epoch"]))["epoch"]
+        carried = [k for k in h if k.startswith(("best_test_", "best_tau_test_"))]
+        assert bool(carried) == (h["epoch"] == last[h["stage"]] and h["stage"] in recomputed), h["epoch"]
+    assert tested == sorted([e for e in range(1, 8) if e in rungs or e in last.values()]
+                            + [last[s] for s in recomputed])
+
+
+def test_rungs_give_the_selected_epochs_the_test_figures_of_every_epoch_evaluation(at_rungs, lazy_and_eager):
+    """Same seed, same training: every selected (best-by-validation) epoch carries exactly the test figures
+    `test_every: epoch` reported for it, in the summary, in the stage's last result and in the results row."""
+    import pandas as pd
+
+    from ltsearch.search.results import trial_row
+    from ltsearch.space import SearchSettings
+
+    (summary, rungs, _), eager = at_rungs, lazy_and_eager["epoch"][0]
+
+    def test_of(metrics):
+        return {k: v for k, v in metrics.items() if k.startswith(("test_", "tau_test_"))}
+
+    for a, b in zip(summary["history"], eager["history"], strict=True):
+        assert {k: a[k] for k in a if k.startswith("val_")} == {k: b[k] for k in a if k.startswith("val_")}
+    for stage, last in (("stage1", 4), ("stage2", 7)):
+        best, reference = summary[stage]["best"], eager[stage]["best"]
+        assert summary[stage]["best_epoch"] == eager[stage]["best_epoch"]
+        assert test_of(best) == test_of(reference) and best["test_per_class_acc"]
+        assert best.get("recomputed_test", False) == (best["epoch"] not in (*rungs, last))
+        if best.get("recomputed_test"):
+            carried = summary["history"][last - 1]
+            assert carried["best_epoch"] == best["epoch"]
+            assert {k: carried[f"best_{k}"] for k, v in test_of(reference).items() if not isinstance(v, list)} \
+                == {k: v for k, v in test_of(reference).items() if not isinstance(v, list)}
+    row = trial_row("t", {}, pd.DataFrame(summary["history"]), None, SearchSettings(), 7, "ASHA")
+    chosen = next(h for h in eager["history"] if h["epoch"] == row["best_epoch"])
+    for column in ("test_acc", "test_acc_tail", "tau_test_acc", "tau_test_acc_head"):
+        assert row[f"best_{column}"] == chosen[column]
+
+
 # ---------------------------------------------------------------------------- long-tail methods
 
 

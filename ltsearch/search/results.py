@@ -62,6 +62,13 @@ def trial_row(trial_id: str, values: dict, frame: pd.DataFrame | None, error: st
         best = frame.loc[frame["val_acc"].idxmax()] if has_val else last
         row["best_epoch"] = int(best["epoch"])
         row.update({f"best_{c}": best[c] for c in reported})
+        # Lazy test evaluation (`trainer.test_every: rungs`): a best epoch evaluated without test gets the test
+        # figures its stage's last epoch computed from its kept model and reported as `best_*` by `best_epoch`
+        carried = frame[frame["best_epoch"] == best["epoch"]] if "best_epoch" in frame else frame.iloc[0:0]
+        for c in reported:
+            if c.startswith(("test_", "tau_test_")) and is_missing(row[f"best_{c}"]) and f"best_{c}" in carried:
+                values = carried[f"best_{c}"].dropna()
+                row[f"best_{c}"] = values.iloc[-1] if len(values) else row[f"best_{c}"]
     row["epochs"] = epochs
     row["objective"] = row.get(f"final_{settings.metrics[0]}")
     diverged = frame["diverged"].dropna() if frame is not None and "diverged" in frame else []
