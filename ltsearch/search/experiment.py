@@ -52,6 +52,7 @@ from ..selection import CONFIDENCE, confirmation_summary, decode_correct, metric
 from ..space import SearchSpaceFile
 from ..storage import Location, StorageError
 from .confirm import CONFIRM_PHASE, run_confirm
+from .lazy_test import fill_best_test, selected_trials
 from .resources import trial_resources
 from .results import VAL_CORRECT, add_validation_noise, best_row, plain, sampled_values
 from .staged import run_staged
@@ -191,6 +192,7 @@ def _search(exp: Location, spec: SearchSpaceFile, cluster: dict, data: LongTailD
         table, history = results_table(grid, settings, list(spec.space), spec.base)
     else:
         table, history = run_staged(exp, spec, cluster, resume)
+    table = fill_best_test(table, selected_trials(table, settings), spec, cluster)  # lazy test evaluation's gap
     images = _validation_images(spec, table, data.class_counts)
     correct = _validation_correct(spec, table, len(data.val_y))
     table = table.drop(columns=VAL_CORRECT, errors="ignore")

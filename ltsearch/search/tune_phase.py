@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ..config import ConfigError, ExperimentConfig, with_overrides
 from ..space import Distribution, SearchSettings, SearchSpaceFile, flat_config, suggest
 from ..storage import Location
+from .lazy_test import asha_rungs, lazy_test_config
 from .loggers import logger_callbacks
 from .resources import trial_resources
 from .results import planned_epochs, trial_row
@@ -205,6 +206,7 @@ def run_phase(exp: Location, phase: str, spec: SearchSpaceFile, space: dict[str,
     """One Tune experiment `exp/phase` of trials searching `space` on top of `base`; ASHA's horizon is
     `max_epochs`, the most epochs any sampled configuration can plan."""
     settings = spec.search
+    base = lazy_test_config(base, asha_rungs(settings.scheduler, max_epochs))  # test where ASHA can stop a trial
     trainable, concurrent = _trainable(exp, spec, base, cluster)
     studies = _active["studies"] = Studies(exp, settings.optuna_storage)
     if resume and tune.Tuner.can_restore(str(exp / phase)):
@@ -240,6 +242,7 @@ def run_grid(exp: Location, phase: str, spec: SearchSpaceFile, base: ExperimentC
     of `base`): a grid, no searcher, no early stopping (every run goes to its end). `resume` continues an
     interrupted one (finished runs are kept, unfinished ones continue from their last checkpoint)."""
     settings = spec.search
+    base = lazy_test_config(base, [])  # nothing stops a run early: test at stage ends only
     trainable, concurrent = _trainable(exp, spec, base, cluster, function=grid_trial, runs=runs)
     if resume and tune.Tuner.can_restore(str(exp / phase)):
         return _restore(exp, phase, trainable)
