@@ -138,7 +138,7 @@ def _confirm_staged(exp: Location, spec: SearchSpaceFile, candidates: pd.DataFra
         trial_id, frame = _run_name(row["trial_id"], seed), None
         if ref is not None:
             try:
-                result, _ = ray.get(ref)
+                result = ray.get(ref)[0]  # (history, per-class accuracies, validation correctness)
             except ray.exceptions.RayError as err:
                 failure = str(err).strip().splitlines()[-1][:300]
             else:
