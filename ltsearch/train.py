@@ -19,7 +19,7 @@ When the test set is evaluated (`trainer.test_every`; val: every epoch). Other e
   metrics (`recomputed_test: true`) and that last epoch reports them as `best_test_*` next to `best_epoch`
   (`ltsearch.search.results.trial_row` fills the best epoch's row from them). A trial stopped before a
   stage's end lacks them unless the best epoch was a rung: a search recomputes them from the kept
-  checkpoint (`test_best_epoch`) for the trials it selects (`ltsearch.search.lazy_test`).
+  checkpoint (`test_best_epochs`) for the trials it selects (`ltsearch.search.lazy_test`).
 - `epoch`: every epoch.
 In stage 2 with the backbone's BN statistics frozen (`stage2.update_bn_stats: false`, the default) the backbone
 cannot change, so the val and test features are computed once (taken over from the stage-1 epoch stage 2
@@ -65,7 +65,7 @@ __all__ = [
     "TrainingDiverged",
     "resolve_device",
     "resolve_precision",
-    "test_best_epoch",
+    "test_best_epochs",
     "train",
 ]
 
@@ -382,21 +382,23 @@ def _summarize(run: _Run) -> dict:
     return out
 
 
-def test_best_epoch(config: ExperimentConfig, state: dict, epoch: int) -> dict | None:
-    """The test figures of global epoch `epoch`, a stage's best-by-validation epoch kept in the checkpoint
-    `state` (its `best`). When that epoch had none (lazy test evaluation, a trial stopped before the stage's
-    end), they are computed from its kept model as the trainer evaluates it (the precision it ran under, the
-    same eval batches: the figures `test_every: epoch` would have reported) and attached to `state`'s best
-    metrics (`recomputed_test`). None when `state` keeps no best epoch `epoch`."""
-    kept = next((b for b in state["best"].values() if b["metrics"]["epoch"] == epoch), None)
-    if kept is None:
-        return None
-    metrics = kept["metrics"]
-    if not metrics.get("has_test"):
-        config = with_overrides(config, {"trainer.precision": metrics.get("precision", config.trainer.precision)})
-        run = _Run(config, load_data(config), resolve_device(config.trainer.device))
-        run.model.load_state_dict(kept["model"])
-        if "test" in run.eval_loaders:
-            test = _test_figures(run.evaluate(metrics["stage"], ["test"], config.posthoc.tau))
-            metrics.update(test, has_test=True, recomputed_test=True)
-    return _test_figures(metrics)
+def test_best_epochs(config: ExperimentConfig, state: dict) -> dict[int, dict]:
+    """The test figures of each stage's best-by-validation epoch kept in the checkpoint `state` (its `best`), by
+    global epoch. Those evaluated without test (lazy test evaluation: a trial stopped before the stage's end)
+    are computed from the kept model as the trainer evaluates it (the precision it ran under, the same eval
+    batches: the figures `test_every: epoch` would have reported) and attached to `state`'s best metrics
+    (`recomputed_test`)."""
+    run, out = None, {}
+    for kept in state["best"].values():
+        metrics = kept["metrics"]
+        if not metrics.get("has_test"):
+            if run is None:
+                precision = metrics.get("precision", config.trainer.precision)
+                config = with_overrides(config, {"trainer.precision": precision})
+                run = _Run(config, load_data(config), resolve_device(config.trainer.device))
+            if "test" in run.eval_loaders:
+                run.model.load_state_dict(kept["model"])
+                test = _test_figures(run.evaluate(metrics["stage"], ["test"], config.posthoc.tau))
+                metrics.update(test, has_test=True, recomputed_test=True)
+        out[metrics["epoch"]] = _test_figures(metrics)
+    return out

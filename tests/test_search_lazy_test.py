@@ -77,7 +77,8 @@ class _Stopped(Exception):
     pass
 
 
-def test_a_selected_trial_asha_stopped_gets_its_best_epoch_test_figures(cifar10_root, tmp_path, monkeypatch):
+def test_a_selected_trial_asha_stopped_gets_its_best_epoch_test_figures(cifar10_root, tmp_path, monkeypatch,
+                                                                       capsys):
     """A trial stopped at a rung whose best-by-validation epoch came before it, untested: the driver recomputes
     that epoch's test figures from the kept checkpoint, exactly those `test_every: epoch` reported for it, fills
     the results row, and writes them into the checkpoint's best metrics (the per-class figure reads them)."""
@@ -136,4 +137,6 @@ def test_a_selected_trial_asha_stopped_gets_its_best_epoch_test_figures(cifar10_
     kept = state["best"][1]["metrics"]
     assert kept["recomputed_test"] and kept["has_test"] and kept["epoch"] == best["epoch"]
     assert kept["test_acc"] == best["test_acc"] and len(kept["test_per_class_acc"]) == 10
-    assert fill_best_test(filled, [0], spec, {"CPU": 2.0}) is filled and len(calls) == 1  # nothing missing now
+    assert f"best epochs [{best['epoch']}]" in capsys.readouterr().out
+    again = fill_best_test(filled, [0], spec, {"CPU": 2.0})  # a stopped trial is looked at again: nothing to do
+    assert len(calls) == 2 and again.equals(filled) and "recomputed" not in capsys.readouterr().out

@@ -444,6 +444,36 @@ def test_rungs_give_the_selected_epochs_the_test_figures_of_every_epoch_evaluati
         assert row[f"best_{column}"] == chosen[column]
 
 
+def test_a_checkpoint_of_a_run_stopped_in_stage2_gets_every_best_epochs_test_figures(cifar10_root,
+                                                                                      lazy_and_eager):
+    """Stopped at epoch 6 (stage 2's second of 3) without rungs: stage 1's best epoch was evaluated at its
+    stage's end, stage 2's best so far never; `test_best_epochs` computes it from the kept model, with the
+    figures `test_every: epoch` reported at that epoch, and attaches it to the state."""
+    from ltsearch.train import test_best_epochs
+
+    class Stopped(Exception):
+        pass
+
+    states = []
+
+    def report(metrics, folder):
+        states.append(torch.load(f"{folder}/state.pt", weights_only=False))
+        if metrics["epoch"] == 6:
+            raise Stopped
+
+    config = small_config(cifar10_root, **{"stage1.epochs": 4, "stage2.epochs": 3, "trainer.test_every": "rungs"})
+    with pytest.raises(Stopped):
+        train(config, report=report)
+    state, eager = states[-1], {h["epoch"]: h for h in lazy_and_eager["epoch"][0]["history"]}
+    stage2_best = state["best"][2]["metrics"]
+    assert state["best"][1]["metrics"]["has_test"] and not stage2_best["has_test"]
+    figures = test_best_epochs(config, state)
+    assert set(figures) == {state["best"][1]["metrics"]["epoch"], stage2_best["epoch"]}
+    for epoch, test in figures.items():
+        assert (test["test_acc"], test["tau_test_acc_tail"]) == (eager[epoch]["test_acc"], eager[epoch]["tau_test_acc_tail"])
+    assert stage2_best["recomputed_test"] and stage2_best["has_test"] and len(stage2_best["test_per_class_acc"]) == 10
+
+
 # ---------------------------------------------------------------------------- long-tail methods
 
 

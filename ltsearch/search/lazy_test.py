@@ -69,24 +69,26 @@ def selected_trials(table: pd.DataFrame, settings: SearchSettings) -> list:
     return list(rank_trials(selection_rows(table), settings).head(top).index)
 
 
-def best_test(config: dict, checkpoint: str, epoch: int) -> dict | None:
+def best_test(config: dict, checkpoint: str, epoch: int) -> tuple[dict | None, list[int]]:
     """Ray task: the test figures of global epoch `epoch`, a best-by-validation epoch kept in the checkpoint
-    folder `checkpoint` (a path or a URI), by `ltsearch.train.test_best_epoch`. When they had to be computed,
-    they are also written into the checkpoint's best metrics, where the report's per-class figure reads them."""
+    folder `checkpoint` (a path or a URI), by `ltsearch.train.test_best_epochs` (None when it keeps no such
+    epoch), and the best epochs whose figures had to be computed. Every stage's best epoch the checkpoint keeps
+    without test figures gets them, written into its best metrics there too (the report's per-class figure
+    reads each stage's best epoch there)."""
     import torch
 
-    from ..train import test_best_epoch
+    from ..train import test_best_epochs
 
     path = Location(checkpoint) / CHECKPOINT_FILE
     state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=False)
-    kept = [b["metrics"] for b in state["best"].values() if b["metrics"]["epoch"] == epoch]
-    had = bool(kept) and bool(kept[0].get("has_test"))
-    figures = test_best_epoch(ExperimentConfig.model_validate(config), state, epoch)
-    if figures and not had:
+    untested = [b["metrics"] for b in state["best"].values() if not b["metrics"].get("has_test")]
+    figures = test_best_epochs(ExperimentConfig.model_validate(config), state)
+    computed = [m["epoch"] for m in untested if m.get("recomputed_test")]
+    if computed:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         path.write_bytes(buffer.getvalue())  # atomic on a local disk; one object in object storage
-    return figures
+    return figures.get(epoch), computed
 
 
 def trial_config(spec: SearchSpaceFile, row: pd.Series) -> ExperimentConfig:
@@ -98,11 +100,13 @@ def trial_config(spec: SearchSpaceFile, row: pd.Series) -> ExperimentConfig:
 
 def fill_best_test(table: pd.DataFrame, rows: list, spec: SearchSpaceFile, cluster: dict) -> pd.DataFrame:
     """`table` with the missing `best_test_*` / `best_tau_test_*` figures of `rows` (index labels) recomputed
-    from their checkpoints (`best_test`), one Ray task each, with a trial worker's resources, all at once."""
+    from their checkpoints (`best_test`), one Ray task each, with a trial worker's resources, all at once; rows
+    of trials stopped early are looked at even with those figures (another stage's best epoch in the checkpoint
+    may lack them)."""
     if "best_test_acc" not in table or "checkpoint" not in table:
         return table  # no test set; no checkpoints (a staged search's stage-2 table)
-    todo = [i for i in rows if is_missing(table.at[i, "best_test_acc"]) and isinstance(table.at[i, "checkpoint"], str)
-            and not is_missing(table.at[i, "best_epoch"])]
+    todo = [i for i in rows if isinstance(table.at[i, "checkpoint"], str) and not is_missing(table.at[i, "best_epoch"])
+            and (is_missing(table.at[i, "best_test_acc"]) or str(table.at[i, "stop_reason"]).startswith("stopped"))]
     if not todo:
         return table
     worker, _ = trial_resources(spec.search, cluster)
@@ -115,23 +119,24 @@ def fill_best_test(table: pd.DataFrame, rows: list, spec: SearchSpaceFile, clust
             config = with_overrides(config, {"trainer.device": "cpu"})
         jobs[i] = (config.model_dump(), table.at[i, "checkpoint"], int(table.at[i, "best_epoch"]))
     table = table.copy()
-    for i, figures in _run_tasks(jobs, worker).items():
+    for i, outcome in _run_tasks(jobs, worker).items():
         trial, epoch = table.at[i, "trial_id"], jobs[i][2]
-        if isinstance(figures, str) or figures is None:
-            why = figures or "its checkpoint keeps no such best epoch"
+        figures, computed = (None, []) if isinstance(outcome, str) else outcome
+        if figures is None and is_missing(table.at[i, "best_test_acc"]):
+            why = outcome if isinstance(outcome, str) else "its checkpoint keeps no such best epoch"
             print(f"Test figures of {trial}'s best epoch {epoch}: not recomputed ({why})", flush=True)
-            continue
-        for name, value in figures.items():
+        for name, value in (figures or {}).items():
             if f"best_{name}" in table and not isinstance(value, list):
                 table.at[i, f"best_{name}"] = math.nan if value is None else value
-        print(f"Test figures of {trial}'s best epoch {epoch} (a selected trial that ended before that stage's "
-              "end) recomputed from its checkpoint", flush=True)
+        if computed:
+            print(f"Test figures of {trial}'s best epochs {computed} (a selected trial that ended before that "
+                  "stage's end) recomputed from its checkpoint", flush=True)
     return table
 
 
 def _run_tasks(jobs: dict, worker: dict) -> dict:
-    """`best_test(*job)` of each of `jobs` as a Ray task with one trial worker's resources, all at once: its
-    figures, or the one-line reason it failed."""
+    """`best_test(*job)` of each of `jobs` as a Ray task with one trial worker's resources, all at once: what
+    it returned, or the one-line reason it failed."""
     import ray
 
     task = ray.remote(best_test).options(num_cpus=worker["CPU"], num_gpus=worker["GPU"])
