@@ -32,9 +32,9 @@ figures at it (the summary's best metrics).
 Commands (docs/benchmarks.md, "Lazy test evaluation"):
 
     LTSEARCH_DATA=/tmp/c10data .venv/bin/python benchmarks/lazy_test_eval.py --space search_spaces/quickstart.yaml \
-        --arms epoch best rungs --reps 2                                   # the quick start's stage 1, ~10 min
+        --arms epoch best rungs --reps 2                                   # the quick start's stage 1, ~8 min
     LTSEARCH_DATA=/tmp/c10data .venv/bin/python benchmarks/lazy_test_eval.py --stage1-epochs 12 --stage2-epochs 4 \
-        --arms epoch best rungs --reps 2                                   # a 12 + 4 joint search's trial, ~20 min
+        --arms epoch best rungs --reps 2                                   # a 12 + 4 joint search's trial, ~14 min
     LTSEARCH_DATA=/tmp/c10data .venv/bin/python benchmarks/lazy_test_eval.py --reps 1 --stage1-epochs 1 \
         --stage2-epochs 1                                                  # smoke test
 """
