@@ -66,7 +66,8 @@ def _staged_space(path: Path, root: Path, optuna_storage: str | None, num_sample
     return write_space(path, root, stage1_epochs=3, stage2_epochs=2, space={
         "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]},
         "stage2.weight_decay": {"loguniform": [1e-4, 1e-2]}},
-        search={"mode": "staged", "num_samples": num_samples, "max_concurrent": 2,
+        search={"mode": "staged", "num_samples": num_samples, "max_concurrent": 1,  # one at a time: the kill
+                # lands while trials are left (the bucket holds a finished trial's results seconds after it ends)
                 "scheduler": {"enabled": False}, "staged": {"top_k": 2, "num_samples": 6},
                 **({"optuna_storage": optuna_storage} if optuna_storage else {})})
 
@@ -177,7 +178,7 @@ def test_ray_job_submit_stop_and_resume_with_object_storage(cifar10_root, tmp_pa
     with two_node_cluster(tmp_path, extra_env=s3_server.env) as (_, env, _):
         space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=3, space={
             "stage1.weight_decay": {"loguniform": [1e-4, 1e-2]}},
-            search={"num_samples": 4, "max_concurrent": 2, "scheduler": {"enabled": False}})
+            search={"num_samples": 4, "max_concurrent": 1, "scheduler": {"enabled": False}})
         entry = ["--", "python", "run_search.py", str(space), "--storage", s3_server.uri(prefix), "--name", name]
         deadline = time.time() + 120
         while True:  # a fresh cluster's job agent answers a few seconds after `ray start`
