@@ -134,23 +134,12 @@ def test_trainer_keeps_images_model_and_eval_features_on_the_cuda_device(cifar10
 @pytest.mark.cuda
 @requires_cuda
 def test_resume_on_cuda_continues_from_a_mid_run_checkpoint(cifar10_root, tmp_path):
-    import shutil
-
     from ltsearch.train import train
 
+    from .test_train import checkpoint_after
+
     config = _cuda_config(cifar10_root)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_epoch_2(metrics, ckpt):
-        if metrics["epoch"] == 2:
-            shutil.copytree(ckpt, tmp_path / "ckpt")
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(config, report=stop_after_epoch_2)
-    resumed = train(config, resume_from=tmp_path / "ckpt")  # the checkpoint's CUDA tensors, loaded on CUDA
+    resumed = train(config, resume_from=checkpoint_after(config, 2, tmp_path / "ckpt"))  # the checkpoint's CUDA tensors, loaded on CUDA
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     assert {h["device"] for h in resumed["history"]} == {f"cuda:{torch.cuda.current_device()}"}
     assert resumed["stage2"]["final"]["test_acc"] is not None

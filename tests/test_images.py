@@ -4,7 +4,6 @@ End-to-end runs (marked e2e) train through `python -m ltsearch train` and `run_s
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,8 @@ from ltsearch.images import (
     eval_transform,
     read_list,
 )
+
+from .test_train import checkpoint_after
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_LISTS = REPO.parent / "shared" / "data" / "make_cifar10_lists.py"
@@ -389,19 +390,7 @@ def test_training_resumes_mid_stage_to_the_uninterrupted_run(lists, tmp_path, ch
 
     config = list_config(lists, pipeline=chosen, workers=1, val_list=None, val_per_class=1)
     full = train(config)
-    saved = []
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_one(metrics, checkpoint):
-        if metrics["epoch"] == 1:
-            saved.append(shutil.copytree(checkpoint, tmp_path / "ckpt"))
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(config, report=stop_after_one)
-    resumed = train(config, resume_from=saved[0])
+    resumed = train(config, resume_from=checkpoint_after(config, 1, tmp_path / "ckpt"))
     drop = ("epoch_time_s",)
     assert [{k: v for k, v in h.items() if k not in drop} for h in resumed["history"]] == [
         {k: v for k, v in h.items() if k not in drop} for h in full["history"]]

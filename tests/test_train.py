@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,22 @@ from ltsearch.train import TrainingDiverged, resolve_precision, train
 
 def timeless(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
+def checkpoint_after(config, epoch: int, dest: Path) -> Path:
+    """Train `config`, interrupted right after `epoch` was reported; return a copy (`dest`) of the checkpoint
+    that epoch reported, for a run to resume from."""
+    class Interrupt(Exception):
+        pass
+
+    def stop(metrics, checkpoint):
+        if metrics["epoch"] == epoch:
+            shutil.copytree(checkpoint, dest)
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, report=stop)
+    return dest
 
 
 def small_config(root, **overrides) -> ExperimentConfig:
@@ -72,19 +89,7 @@ def test_deterministic_on_cpu(cifar10_root):
 def test_resume_mid_stage_matches_uninterrupted_run(cifar10_root, tmp_path):
     config = small_config(cifar10_root, **{"stage1.epochs": 3, "stage2.epochs": 2})
     full = train(config)
-    checkpoints = []
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(metrics, ckpt):
-        if metrics["epoch"] == 2:
-            checkpoints.append(shutil.copytree(ckpt, tmp_path / "ckpt"))
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(config, report=stop_after_two)
-    resumed = train(config, resume_from=checkpoints[0])
+    resumed = train(config, resume_from=checkpoint_after(config, 2, tmp_path / "ckpt"))
     assert timeless(resumed["history"]) == timeless(full["history"])
 
 
@@ -503,21 +508,8 @@ def test_resume_with_drw_resampling_and_lws_matches_uninterrupted_run(cifar10_ro
         "model.classifier": "cosine", "stage2.epochs": 2, "stage2.mode": "lws", "stage2.sampler": "sqrt",
         "stage2.loss": "ce"})
     full = train(config)
-
-    class Interrupt(Exception):
-        pass
-
     for stop_at in (2, 4):
-        saved = []
-
-        def stop(metrics, ckpt, stop_at=stop_at, saved=saved):
-            if metrics["epoch"] == stop_at:
-                saved.append(shutil.copytree(ckpt, tmp_path / f"ckpt{stop_at}"))
-                raise Interrupt
-
-        with pytest.raises(Interrupt):
-            train(config, report=stop)
-        resumed = train(config, resume_from=saved[0])
+        resumed = train(config, resume_from=checkpoint_after(config, stop_at, tmp_path / f"ckpt{stop_at}"))
         assert timeless(resumed["history"]) == timeless(full["history"])
 
 
@@ -584,16 +576,7 @@ def test_validation_predictions_are_kept_beside_each_checkpoint_and_survive_resu
         assert 100 * correct[0, 1].mean() == pytest.approx(metrics["tau_val_acc"])
     assert (seen[-1][1][1] == seen[best_epoch - 1][1][0]).all()  # the best slot is the best epoch's
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(metrics, ckpt):
-        if metrics["epoch"] == 2:
-            shutil.copytree(ckpt, tmp_path / "ckpt")
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(config, report=stop_after_two)
+    checkpoint_after(config, 2, tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=False)
     assert state["best"][1]["val_correct"].shape == (2, images)
     train(config, resume_from=tmp_path / "ckpt", out_dir=tmp_path / "out")
