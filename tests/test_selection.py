@@ -20,6 +20,8 @@ from ltsearch.selection import (
     needed_validation_size,
     pack_correct,
     resolution_note,
+    seed_effect,
+    t_quantile,
     tied,
     tied_with_best,
     unpack_correct,
@@ -208,3 +210,40 @@ def test_correctness_packs_to_a_bit_an_image_and_round_trips():
     record = encode_correct(correct[:, :203])  # not a multiple of 8
     assert (decode_correct(record) == correct[:, :203]).all()
     assert len(encode_correct(correct)["bits"]) == 6_668  # base64 of 5,000 bytes, in an Optuna user attribute
+
+
+@pytest.mark.parametrize("confidence, df, expected", [  # Student's t table (two-sided)
+    (0.95, 1, 12.706), (0.95, 2, 4.303), (0.95, 3, 3.182), (0.95, 4, 2.776), (0.95, 10, 2.228),
+    (0.95, 30, 2.042), (0.99, 3, 5.841), (0.90, 5, 2.015)])
+def test_t_quantile_matches_the_table(confidence, df, expected):
+    assert t_quantile(confidence, df) == pytest.approx(expected, abs=1e-3)
+
+
+def test_seed_effect_is_a_paired_t_interval_on_hand_worked_values():
+    # differences by seed: 6.0, 4.5, 8.0 -> mean 6.1667, sample std sqrt(6.1667 / 2) = 1.7559,
+    # half-width 4.3027 * 1.7559 / sqrt(3) = 4.3620
+    effect = seed_effect({0: 68.0, 1: 67.0, 2: 69.0, 3: 70.0}, {0: 62.0, 1: 62.5, 2: 61.0})
+    assert effect["seeds"] == [0, 1, 2] and effect["n"] == 3  # seed 3 has no partner
+    assert effect["mean"] == pytest.approx(6.1667, abs=1e-4)
+    assert effect["std"] == pytest.approx(1.7559, abs=1e-4)
+    assert (effect["lo"], effect["hi"]) == pytest.approx((1.8047, 10.5287), abs=1e-4)
+    assert effect["survives"]
+
+
+def test_seed_effect_pairing_separates_what_unpaired_spread_hides():
+    # seed moves both methods together (a shared 6-point spread) while A beats B by 1 point at every seed:
+    # the paired interval is [1, 1] and survives; the unpaired spread of each method would swamp it
+    a, b = {0: 61.0, 1: 67.0, 2: 64.0}, {0: 60.0, 1: 66.0, 2: 63.0}
+    effect = seed_effect(a, b)
+    assert effect["mean"] == pytest.approx(1.0) and effect["std"] == pytest.approx(0.0, abs=1e-12)
+    assert effect["survives"]
+    assert np.std(list(a.values()), ddof=1) == pytest.approx(3.0)
+
+
+def test_seed_effect_says_nothing_from_one_seed_and_keeps_an_interval_across_zero():
+    one = seed_effect({0: 70.0}, {0: 60.0})
+    assert one["n"] == 1 and one["mean"] == 10.0 and math.isnan(one["lo"]) and not one["survives"]
+    mixed = seed_effect({0: 70.0, 1: 60.0}, {0: 65.0, 1: 64.0})  # +5 and -4
+    assert mixed["lo"] < 0 < mixed["hi"] and not mixed["survives"]
+    negative = seed_effect({0: 60.0, 1: 61.0, 2: 60.5}, {0: 65.0, 1: 65.5, 2: 66.0})
+    assert negative["hi"] < 0 and negative["survives"]
