@@ -644,3 +644,19 @@ def test_report_names_the_tie_rule_its_results_used():
     assert _tie_rule(pd.DataFrame({"objective": [1.0]})).startswith("Newcombe")  # results from before tie_test
     assert _tie_rule(pd.DataFrame({"tie_test": ["newcombe", None]})).startswith("Newcombe")
     assert _tie_rule(pd.DataFrame({"tie_test": ["mcnemar", "newcombe"]})).startswith("McNemar's exact test")
+
+
+def test_report_counts_ties_by_the_paired_rule_next_to_the_unpaired_one(confirmed, capsys):
+    results = pd.read_csv(confirmed / "results.csv", dtype={"trial_id": str})
+    scored = (results["phase"] == "search") & results["objective"].notna()
+    results.loc[scored, "tie_test"] = "mcnemar"
+    results.loc[scored, "tied_unpaired"] = True  # the unpaired interval ties all 4; McNemar separates one
+    results.to_csv(confirmed / "results.csv", index=False)
+    assert main(["report", str(confirmed), "--no-png"]) == 0
+    page = (confirmed / "report.html").read_text()
+    assert ("3 of 4 trials are statistically tied with it (McNemar&#x27;s exact test" in page
+            and "; 4 by the unpaired interval; marked in the table)" in page)
+    assert "<th>tied with best</th>" in page and "<th>tied, unpaired rule</th>" in page
+    exp = analysis.load_experiment(confirmed)
+    top = analysis.top_trials(exp)
+    assert top.columns.get_loc("tied_unpaired") == top.columns.get_loc("tied_with_best") + 1

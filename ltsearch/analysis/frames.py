@@ -112,7 +112,7 @@ def top_trials(exp: Experiment, n: int = 10, split: str = "test") -> pd.DataFram
                             na_position="last")
     _, tail = tail_pair(rows, split)
     columns = ["trial_id", *[c for c in ("phase", "stage1_trial") if c in rows], *exp.space, "objective",
-               "objective_lo", "objective_hi", "tied_with_best", "final_val_acc", f"final_{split}_acc",
+               "objective_lo", "objective_hi", "tied_with_best", "tied_unpaired", "final_val_acc", f"final_{split}_acc",
                group_column(split, tail), "accuracy_at", "epochs", "outcome"]
     if "accuracy_at" in rows and not (rows["accuracy_at"] == "best-by-validation epoch").any():
         columns.remove("accuracy_at")  # every test figure is the last epoch's, as the header says

@@ -67,11 +67,15 @@ def _interval_columns(exp: Experiment, table: pd.DataFrame) -> pd.DataFrame:
         interval = [("" if is_missing(lo) else f"{lo:.1f}-{hi:.1f}")
                     for lo, hi in zip(table.pop("objective_lo"), table.pop("objective_hi"))]
         table.insert(table.columns.get_loc("objective") + 1, "95% interval", interval)
-    if "tied_with_best" in table:
-        tied = table.pop("tied_with_best").map(
-            lambda v: "" if is_missing(v) or pd.isna(v) else "tied" if str(v).lower() == "true" else "")
-        table.insert(table.columns.get_loc("objective") + 1 + ("95% interval" in table), "tied with best", tied)
+    for column, title in (("tied_unpaired", "tied, unpaired rule"), ("tied_with_best", "tied with best")):
+        if column in table:  # both land after the interval, the paired rule's first
+            at = table.columns.get_loc("objective") + 1 + ("95% interval" in table)
+            table.insert(at, title, table.pop(column).map(_tie_mark))
     return table
+
+
+def _tie_mark(value) -> str:
+    return "tied" if not is_missing(value) and str(value).lower() == "true" else ""
 
 
 def _validation_html(exp: Experiment) -> str:
@@ -93,9 +97,11 @@ def _validation_html(exp: Experiment) -> str:
         parts.append(f"The search's best trial scores {b['objective']:.2f} with a 95% interval of "
                      f"{b['objective_lo']:.1f}-{b['objective_hi']:.1f}.")
     if "tied_with_best" in rows:
-        ties = int(rows["tied_with_best"].map(lambda v: str(v).lower() == "true").sum())
+        ties = int((rows["tied_with_best"].map(_tie_mark) == "tied").sum())
+        unpaired = ("" if "tied_unpaired" not in rows or not (rows.get("tie_test") == "mcnemar").any() else
+                    f"; {int((rows['tied_unpaired'].map(_tie_mark) == 'tied').sum())} by the unpaired interval")
         parts.append(f"{ties} of {int(rows['objective'].notna().sum())} trials are statistically tied with it "
-                     f"({rule}; marked in the table).")
+                     f"({rule}{unpaired}; marked in the table).")
     return f"<p>{html.escape(' '.join(parts))}</p>" if parts else ""
 
 
