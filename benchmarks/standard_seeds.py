@@ -12,7 +12,7 @@ Nothing is lost when this stops: a committed run is skipped, a run folder holdin
 stage-2 search resumes. A stage 2 whose stage-1 checkpoint is gone (RUNS is not kept between machines) is
 reported, not run: its stage 1 has to be trained again.
 
-    python benchmarks/standard_seeds.py --seeds 1 2 --parallel 2     # about 2 h 10 min per pair of runs here
+    python benchmarks/standard_seeds.py --seeds 1 2 --parallel 2     # 143 min per pair of runs here
 """
 from __future__ import annotations
 
