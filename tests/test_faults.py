@@ -386,9 +386,9 @@ def test_burst_of_stage2_trials_with_the_driver_killed_three_times(cifar10_root,
     of well under a second on cached features, but each of the four driver starts re-runs Ray's start,
     stage 1's restore and the feature caching; with 150 the test took 230-240 s on a shared 2-core machine
     under load, and each kill still lands among dozens of finished trials and two running ones."""
-    # 8 stage-2 epochs, so that the phase outlasts the driver's 5-second progress lines even on an
+    # 24 stage-2 epochs, so that the phase outlasts the driver's 5-second progress lines even on an
     # idle machine: with 1 epoch it could finish between two of them, before the test saw its mark.
-    space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, stage2_epochs=8, space={
+    space = write_space(tmp_path / "s.yaml", cifar10_root, stage1_epochs=1, stage2_epochs=24, space={
         "stage2.weight_decay": {"loguniform": [1e-3, 1.0]}},
         search={"mode": "staged", "staged": {"top_k": 1, "num_samples": BURST, "views": 1}})
     cmd = _cmd(space, tmp_path / "runs", "burst")
