@@ -1,6 +1,6 @@
 """What has the standard recipe measured (docs/STANDARD.md)? Prints every row of the result files committed
 under docs/standard/ as the mean and sample standard deviation over its seeds, next to the published figure,
-then the weight-balancing effects paired by seed.
+then the effects docs/STANDARD.md states (weight balancing; the long-tailed losses over CE), paired by seed.
 
 Method. Each subfolder is one run of one seed: ROW/ is seed 0, ROW_seed{s}/ seed s (the seed its config was
 trained with, checked). A run is recognised by what it holds:
@@ -56,13 +56,17 @@ PUBLISHED = {
     ("wb_stage2_c10lt", STAGE2): 53.35,  # the same: weight decay + stage 2 (MaxNorm)
 }
 
-# name -> (A, B): the weight-balancing effects, A - B paired by seed
+# name -> (A, B): the effects docs/STANDARD.md states, A - B paired by seed
 EFFECTS = {
     "weight decay 5e-3 over 0 (stage 1, val-selected)": (("wb_wd5e-3", VAL), ("wb_wd0", VAL)),
     "weight decay 5e-3 over 0 (stage 1, final)": (("wb_wd5e-3", FINAL), ("wb_wd0", FINAL)),
     "stage 2 over its stage 1 (weight decay 5e-3)": (("wb_stage2_c10lt", STAGE2), ("wb_wd5e-3", VAL)),
     "stage 2 over its stage 1 + post-hoc tau 1": (("wb_stage2_c10lt", STAGE2), ("wb_wd5e-3", TAU)),
     "post-hoc tau 1 on stage 1 (weight decay 5e-3)": (("wb_wd5e-3", TAU), ("wb_wd5e-3", VAL)),
+    "LDAM-DRW over CE (final)": (("ldam_drw", FINAL), ("ce_step_a", FINAL)),
+    "LDAM-DRW over CE (val-selected)": (("ldam_drw", VAL), ("ce_step_a", VAL)),
+    "logit-adjusted over CE (final)": (("logit_adjusted", FINAL), ("ce_step_a", FINAL)),
+    "logit-adjusted over CE (val-selected)": (("logit_adjusted", VAL), ("ce_step_a", VAL)),
 }
 
 _SEED = re.compile(r"(.+)_seed(\d+)")

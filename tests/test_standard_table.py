@@ -62,3 +62,15 @@ def test_a_folder_named_for_another_seed_than_it_was_trained_with_is_refused(tmp
     done = _table(tmp_path)
     assert done.returncode != 0
     assert "wb_wd0_seed1: trained with trainer.seed=0, but its name says seed 1" in done.stderr
+
+
+def test_every_effect_pairs_rows_the_committed_runs_measure():
+    """A mistyped row or rule in EFFECTS would pair nothing: its line would have no seeds."""
+    done = _table(STANDARD)
+    assert done.returncode == 0, done.stderr
+    header, _, *lines = done.stdout.split("\n\n")[1].splitlines()
+    assert header.startswith("| effect")
+    assert len(lines) >= 9
+    for line in lines:
+        seeds = line.split("|")[2].split()
+        assert "0" in seeds, line
