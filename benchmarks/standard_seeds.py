@@ -73,7 +73,8 @@ def commit(job: Job, minutes: float) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in job.files:
         shutil.copy2(job.out / f, dest / f)
-    message = f"docs/standard: {job.name} finished ({minutes:.0f} min here)"
+    resumed = ", resumed: the time of this part only" if "--resume" in job.command else ""
+    message = f"docs/standard: {job.name} finished ({minutes:.0f} min here{resumed})"
     if "metrics.json" in job.files:
         stage1 = json.loads((dest / "metrics.json").read_text())["stage1"]
         message += (f": test {stage1['best']['test_acc']:.2f} at its val-selected epoch {stage1['best_epoch']}, "
